@@ -46,6 +46,8 @@ class MoE(nn.Module):
         capacity_factor: None for dropless dispatch; otherwise each expert computes at most
             ``ceil(T*k*capacity_factor/E)`` slots and drops the rest (their output is 0).
         batch_prioritized: with a capacity, let the tokens with the highest gate claim places first.
+        capacity_multiple: round the capacity up to a multiple of this (V-MoE uses 4, which keeps
+            expert buffers aligned; 1 leaves the capacity as computed).
         w_importance, w_load: balancing-loss coefficients, passed to a router built by name.
         activation: "relu", "gelu", "silu" or "swiglu".
         router_kwargs: extra arguments for a router built by name (e.g. ``noise_epsilon``).
@@ -58,11 +60,13 @@ class MoE(nn.Module):
                  router: str | nn.Module = "noisy_topk", capacity_factor: float | None = None,
                  w_importance: float = 0.1, w_load: float = 0.1, activation: str = "relu",
                  batch_prioritized: bool = False, router_kwargs: dict | None = None,
-                 device=None, dtype=None):
+                 capacity_multiple: int = 1, device=None, dtype=None):
         super().__init__()
         hidden_dim = 4 * dim if hidden_dim is None else hidden_dim
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor={capacity_factor} must be > 0 (or None for dropless)")
+        if isinstance(capacity_multiple, bool) or not isinstance(capacity_multiple, int) or capacity_multiple < 1:
+            raise ValueError(f"capacity_multiple={capacity_multiple!r} must be an int >= 1")
         if isinstance(router, str):
             router = build_router(router, dim, num_experts, k, w_importance=w_importance, w_load=w_load,
                                   device=device, dtype=dtype, **(router_kwargs or {}))
@@ -72,6 +76,7 @@ class MoE(nn.Module):
             raise ValueError(f"router has num_experts={router.num_experts}, layer has {num_experts}")
         self.dim, self.num_experts, self.k = dim, num_experts, k
         self.capacity_factor, self.batch_prioritized = capacity_factor, batch_prioritized
+        self.capacity_multiple = capacity_multiple
         self.router = router
         self.experts = Experts(num_experts, dim, hidden_dim, activation, device=device, dtype=dtype)
         # Swapped for an all-to-all dispatcher by moekit.parallel; the layer itself stays single-device.
@@ -91,7 +96,8 @@ class MoE(nn.Module):
         dropped = 0
         if self.capacity_factor is not None:
             num_real = x_TD.shape[0] if mask_T is None else int(mask_T.sum().item())
-            cap = expert_capacity(num_real, indices_TK.shape[1], self.capacity_factor, self.num_experts)
+            cap = expert_capacity(num_real, indices_TK.shape[1], self.capacity_factor, self.num_experts,
+                                  self.capacity_multiple)
             keep_TK = capacity_keep(indices_TK, weights_TK, self.num_experts, cap, self.batch_prioritized)
             dropped = int(((indices_TK >= 0) & ~keep_TK).sum().item())
             indices_TK = torch.where(keep_TK, indices_TK, -1)
