@@ -1,6 +1,6 @@
 """moekit: sparse mixture-of-experts layers, models and tools for PyTorch."""
 
-from moekit import reference
+from moekit import ensemble, reference
 from moekit.experts import Experts
 from moekit.layer import HierarchicalMoE, MoE
 from moekit.routing import (
@@ -33,6 +33,7 @@ __all__ = [
     "VMoERouter",
     "__version__",
     "build_router",
+    "ensemble",
     "reference",
     "register_router",
     "routers",
