@@ -15,6 +15,7 @@ import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 ECE_BINS = 15
+_BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
 
 
 def as_probs_labels(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,11 +66,12 @@ def ece(probs, labels, n_bins: int = ECE_BINS) -> float:
     """Expected calibration error of the top-1 confidence, ``sum_b (N_b/N) |acc_b - conf_b|``.
 
     ``n_bins`` equal-width bins ``[b/B, (b+1)/B)``, the last one closed at 1. Computed by torchmetrics.
-    torchmetrics gives a confidence of exactly 1.0 a bin of its own (one past the B-th); it is moved
-    just below 1 so that it falls in the top bin, as the definition above says.
+    torchmetrics works in float32 and gives a confidence of exactly 1.0 a bin of its own (one past
+    the B-th); it is moved to the largest float32 below 1 so that it falls in the top bin, as the
+    definition above says.
     """
     probs_NC, labels_N = as_probs_labels(probs, labels)
-    probs_NC = probs_NC.clamp(max=1.0 - 1e-12)
+    probs_NC = probs_NC.float().clamp(max=_BELOW_ONE)
     return float(multiclass_calibration_error(probs_NC, labels_N, probs_NC.shape[1], n_bins=n_bins, norm="l1"))
 
 
