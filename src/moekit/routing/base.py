@@ -121,7 +121,8 @@ def finish_routing(
         weight_T: [T] 0/1 (0 = padding) or None.
         load_E: [E] smooth load, or None to use the hard count.
         extra_losses: unweighted losses beyond importance/load.
-        coefficients: loss name -> weight; losses without a coefficient are reported only.
+        coefficients: loss name -> weight; losses without a coefficient are reported only, and a
+            coefficient whose loss is absent (e.g. a training-only loss in eval) adds nothing.
     """
     if weight_T is not None:
         real_T1 = weight_T[:, None] > 0
@@ -134,7 +135,7 @@ def finish_routing(
     losses = {"importance": cv_squared(importance_E), "load": cv_squared(load_E), **extra_losses}
     aux = importance_E.new_zeros(())
     for name, coef in coefficients.items():
-        if coef:
+        if coef and name in losses:
             aux = aux + coef * losses[name]
     stats = RoutingStats(importance_E, load_E, counts_E, 0, losses)
     return Routing(indices_TK, weights_TK, aux, stats)
