@@ -8,7 +8,6 @@ limit is a dense FFN applied to T*k tokens (the same active FLOPs); speedup(b) =
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
