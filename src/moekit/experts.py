@@ -27,7 +27,7 @@ def segment_positions(counts: list[int], device) -> tuple[torch.Tensor, torch.Te
     expert_N = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_E)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     pos_N = torch.arange(expert_N.numel(), device=device) - starts_E[expert_N]
-    return expert_N, pos_N, max(counts, default=0)
+    return expert_N, pos_N, (max(counts) if counts else 0)
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:

@@ -121,3 +121,27 @@ def test_single_expert_equals_dense_ffn():
     gx_dense, gw_dense = torch.autograd.grad(dense.square().sum(), [x, fc1.weight])
     torch.testing.assert_close(gx_moe, gx_dense)
     torch.testing.assert_close(gw_moe[0], gw_dense.t())
+
+
+def test_grouped_mm_backend_matches_reference_on_cpu():
+    # torch's grouped GEMM runs on CPU in float32 when rows are 16-byte aligned (dims multiple of 4).
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("this torch has no torch.nn.functional.grouped_mm")
+    moe = _make("noisy_topk", None, False, torch.float32, dim=8, hidden=12, backend="grouped_mm").train()
+    _assert_same(moe, torch.randn(13, 8, requires_grad=True), None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_auto_backend_matches_reference_in_bfloat16():
+    from moekit.experts import resolve_backend
+
+    moe = moekit.MoE(64, 8, 2, 128, device="cuda", dtype=torch.bfloat16).train()
+    x = torch.randn(96, 64, device="cuda", dtype=torch.bfloat16)
+    counts = [12] * 8
+    expected = "grouped_mm" if torch.cuda.get_device_capability() >= (9, 0) else "bmm"
+    assert resolve_backend("auto", x, counts) == expected
+    torch.manual_seed(0)
+    fast = moe(x).y
+    torch.manual_seed(0)
+    ref = reference_moe(moe, x).y
+    torch.testing.assert_close(fast.float(), ref.float(), rtol=2e-2, atol=2e-2)
