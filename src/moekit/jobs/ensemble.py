@@ -37,7 +37,7 @@ from tqdm import tqdm
 from moekit.data.images import ImageSplits, load_fashion_mnist, load_npz
 from moekit.ensemble import init_e3_from_vmoe
 from moekit.jobs import ensemble_report
-from moekit.metrics.flops import flops_per_example
+from moekit.metrics.flops import routed_flops_per_example
 from moekit.models.vit_moe import ViTConfig, ViTMoE, VMoEConfig
 from moekit.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from moekit.train.outdir import ConfigError, checkpoint_path, prepare_out_dir, prune_checkpoints
@@ -316,7 +316,7 @@ def evaluate_run(spec: RunSpec, model: ViTMoE, tensors: Tensors, cfg: EnsembleCo
                  losses: list[float]) -> dict[str, Any]:
     """Everything the report needs from a finished run, as checkpointable plain data."""
     model.eval()
-    flops = flops_per_example(model, tensors.x_test[: min(len(tensors.x_test), cfg.eval_batch_size)])
+    flops = routed_flops_per_example(model, tensors.x_test[: min(len(tensors.x_test), cfg.eval_batch_size)])
     return {"spec": dataclasses.asdict(spec), "steps": spec.steps, "seconds": seconds,
             "losses": torch.tensor(losses), "params": sum(p.numel() for p in model.parameters()),
             "flops_per_example": flops, "probs": predict(model, tensors.x_test, cfg.eval_batch_size),
