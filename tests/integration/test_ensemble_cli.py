@@ -9,6 +9,7 @@ import torch
 import moekit.jobs.ensemble as ensemble_job
 from moekit import cli
 from moekit.metrics.calibration import accuracy, brier, ece, nll
+from moekit.metrics.diversity import disagreement
 from moekit.metrics.ood import ood_auroc
 
 MODELS = ["dense", "vmoe", "e3", "deep-ensemble", "e3-init"]
@@ -47,6 +48,13 @@ def test_end_to_end_writes_recomputable_metrics(tiny_npz, tmp_path, capsys):
         m = metrics["models"][name]
         with np.load(out / f"predictions_{name}.npz") as pred:
             probs, labels, ood = pred["probs"], pred["labels"], pred["ood_probs"]
+            members = pred["member_probs"] if "member_probs" in pred else None
+        # Ensembles keep their members' predictions; the ensemble's is their mean.
+        assert (members is not None) == (name in ("e3", "deep-ensemble", "e3-init"))
+        if members is not None:
+            assert members.shape == (20, 2, 3)
+            np.testing.assert_allclose(probs, members.mean(1), atol=1e-6)
+            assert m["member_disagreement"] == pytest.approx(disagreement(members))
         assert probs.shape == (20, 3) and labels.shape == (20,) and ood.shape == (8, 3)
         np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
         for key, fn in (("accuracy", accuracy), ("nll", nll), ("ece", ece), ("brier", brier)):

@@ -101,6 +101,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-steps", type=int, help="fine-tuning steps of e3-init (default: the preset's)")
     parser.add_argument("--k", type=int, choices=(1, 2), default=1, help="experts per token (default: 1)")
     parser.add_argument("--checkpoint-every", type=int, help="checkpoint every this many steps (default: preset's)")
+    parser.add_argument("--train-examples", type=int,
+                        help="train on a fixed random subset of this many images (default: the preset's)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
@@ -112,7 +114,7 @@ def config_from_args(args: argparse.Namespace) -> EnsembleConfig:
         raise ConfigError(f"--models {args.models!r}: unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     values = {**PRESETS[args.preset], "models": tuple(m for m in MODELS if m in models), "preset": args.preset,
               "data": None if args.data is None else str(Path(args.data).resolve()), "seed": args.seed, "k": args.k}
-    for name in ("steps", "finetune_steps", "checkpoint_every"):
+    for name in ("steps", "finetune_steps", "checkpoint_every", "train_examples"):
         if getattr(args, name) is not None:
             if getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
@@ -305,11 +307,11 @@ def save_job(out: Path, job: dict, model: ViTMoE | None, opt: torch.optim.Optimi
 
 @torch.no_grad()
 def predict(model: ViTMoE, x: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
-    """[N, C] float32 ensemble probabilities on CPU, in eval mode."""
+    """[N, M, C] float32 member probabilities on CPU, in eval mode (M = 1 for a single model)."""
     if x is None:
         return None
     model.eval()
-    return torch.cat([model.predict_probs(x[i:i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)])
+    return torch.cat([model.member_probs(x[i:i + batch_size]).cpu() for i in range(0, len(x), batch_size)])
 
 
 def evaluate_run(spec: RunSpec, model: ViTMoE, tensors: Tensors, cfg: EnsembleConfig, seconds: float,
@@ -319,8 +321,8 @@ def evaluate_run(spec: RunSpec, model: ViTMoE, tensors: Tensors, cfg: EnsembleCo
     flops = routed_flops_per_example(model, tensors.x_test[: min(len(tensors.x_test), cfg.eval_batch_size)])
     return {"spec": dataclasses.asdict(spec), "steps": spec.steps, "seconds": seconds,
             "losses": torch.tensor(losses), "params": sum(p.numel() for p in model.parameters()),
-            "flops_per_example": flops, "probs": predict(model, tensors.x_test, cfg.eval_batch_size),
-            "ood_probs": predict(model, tensors.x_ood, cfg.eval_batch_size),
+            "flops_per_example": flops, "member_probs": predict(model, tensors.x_test, cfg.eval_batch_size),
+            "ood_member_probs": predict(model, tensors.x_ood, cfg.eval_batch_size),
             "model": {k: v.cpu() for k, v in model.state_dict().items()}}
 
 

@@ -3,7 +3,8 @@
 Legend: N test examples, O OOD examples, C classes.
 
 Every metric is computed from the arrays saved in ``predictions_<model>.npz`` (``probs`` [N, C],
-``labels`` [N], ``ood_probs`` [O, C]), so anyone can recompute it.
+``labels`` [N], ``ood_probs`` [O, C], and for an ensemble ``member_probs`` [N, M, C]), so anyone can
+recompute it. ``probs`` is the mean of the members' probabilities.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from moekit.metrics.calibration import ECE_BINS, accuracy, brier, ece, nll, reliability_bins
+from moekit.metrics.diversity import disagreement, mean_pairwise_kl
 from moekit.metrics.ood import ood_auroc
 from moekit.train.checkpoint import atomic_write
 from moekit.train.outdir import METRICS_FILE, REPORT_FILE, write_json, write_text
@@ -41,12 +43,23 @@ def model_metrics(probs: np.ndarray, labels: np.ndarray, ood_probs: np.ndarray |
     return out
 
 
-def combine_runs(runs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray | None]:
-    """The mean of the runs' probabilities (an ensemble of separately trained models)."""
-    probs = np.mean([r["probs"].double().numpy() for r in runs], axis=0)
-    has_ood = runs[0]["ood_probs"] is not None
-    ood = np.mean([r["ood_probs"].double().numpy() for r in runs], axis=0) if has_ood else None
-    return probs, ood
+def combine_runs(runs: list[dict[str, Any]], key: str) -> np.ndarray | None:
+    """[N, M, C] the members of all ``runs`` side by side (a deep ensemble's M is its number of runs)."""
+    if runs[0][key] is None:
+        return None
+    return np.concatenate([r[key].numpy() for r in runs], axis=1)
+
+
+def diversity_metrics(member_probs: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    """The members' mean NLL, top-1 disagreement and mean pairwise KL (None for a single model).
+
+    The ensemble's NLL can beat the members' mean NLL only as far as the members disagree.
+    """
+    if member_probs.shape[1] < 2:
+        return {"member_nll_mean": None, "member_disagreement": None, "member_kl": None}
+    member_nll = float(np.mean([nll(member_probs[:, m], labels) for m in range(member_probs.shape[1])]))
+    return {"member_nll_mean": member_nll, "member_disagreement": disagreement(member_probs),
+            "member_kl": mean_pairwise_kl(member_probs)}
 
 
 def write_outputs(out: Path, cfg, data, finished: dict[str, dict[str, Any]], env: dict[str, Any],
@@ -55,14 +68,17 @@ def write_outputs(out: Path, cfg, data, finished: dict[str, dict[str, Any]], env
     models: dict[str, Any] = {}
     for model in cfg.models:
         runs = [finished[spec.name] for spec in model_runs(cfg, model)]
-        probs, ood = combine_runs(runs)
-        arrays = {"probs": probs.astype(np.float32), "labels": data.y_test}
-        if ood is not None:
-            arrays["ood_probs"] = ood.astype(np.float32)
+        members, ood_members = combine_runs(runs, "member_probs"), combine_runs(runs, "ood_member_probs")
+        arrays = {"probs": members.mean(axis=1, dtype=np.float64).astype(np.float32), "labels": data.y_test}
+        if ood_members is not None:
+            arrays["ood_probs"] = ood_members.mean(axis=1, dtype=np.float64).astype(np.float32)
+        if members.shape[1] > 1:
+            arrays["member_probs"] = members
         atomic_write(out / f"predictions_{model}.npz", lambda f, a=arrays: np.savez_compressed(f, **a))
         models[model] = {
             # From the saved float32 arrays, so that the file reproduces these numbers exactly.
             **model_metrics(arrays["probs"], data.y_test, arrays.get("ood_probs")),
+            **diversity_metrics(members, data.y_test),
             "gflops_per_example": sum(r["flops_per_example"] for r in runs) / 1e9,
             "params": int(sum(r["params"] for r in runs)),
             "runs": [spec.name for spec in model_runs(cfg, model)],
@@ -120,6 +136,10 @@ def _comparisons(models: dict[str, Any], ratios: dict[str, float]) -> list[str]:
             lines.append(f"- {a} minus {b}: " + ", ".join(parts) + " (lower is better except accuracy).")
     for name, ratio in ratios.items():
         lines.append(f"- FLOPs ratio {name}: {ratio:.3f}.")
+    for name, m in models.items():
+        if m["member_disagreement"] is not None:
+            lines.append(f"- {name} members: mean member NLL {m['member_nll_mean']:.4f} (ensemble {m['nll']:.4f}), "
+                         f"top-1 disagreement {m['member_disagreement']:.4f}, mean pairwise KL {m['member_kl']:.4f}.")
     return lines
 
 

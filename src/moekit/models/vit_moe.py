@@ -17,7 +17,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from moekit.ensemble import PartitionedRouter, ensemble_cross_entropy, ensemble_probs, partitioned_moe, tile_examples
+from moekit.ensemble import (
+    PartitionedRouter,
+    ensemble_cross_entropy,
+    ensemble_probs,
+    member_logits,
+    partitioned_moe,
+    tile_examples,
+)
 from moekit.layer import MoE
 from moekit.types import RoutingStats
 
@@ -204,3 +211,8 @@ class ViTMoE(nn.Module):
     def predict_probs(self, images: torch.Tensor) -> torch.Tensor:
         """[B, C] the mean of the members' softmax probabilities (no gradient)."""
         return ensemble_probs(self(images).logits, self.ensemble_size)
+
+    @torch.no_grad()
+    def member_probs(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, M, C] each member's softmax probabilities (no gradient)."""
+        return member_logits(self(images).logits, self.ensemble_size).float().softmax(dim=-1)
