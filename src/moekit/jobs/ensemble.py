@@ -380,7 +380,8 @@ def run(args: argparse.Namespace) -> int:
     run_all(cfg, data, tensors, device, out, job, args.quiet)
     env = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "machine": platform.machine(), "python": platform.python_version()}
-    metrics = ensemble_report.write_outputs(out, cfg, data, job["finished"], env, model_runs)
+    vit = dataclasses.asdict(build_model(cfg, "dense", data, "meta").vit)  # the patch size actually used
+    metrics = ensemble_report.write_outputs(out, cfg, data, job["finished"], env, model_runs, vit)
     print(ensemble_report.metrics_table(metrics))
     print(f"results in {out}")
     return 0

@@ -63,7 +63,7 @@ def diversity_metrics(member_probs: np.ndarray, labels: np.ndarray) -> dict[str,
 
 
 def write_outputs(out: Path, cfg, data, finished: dict[str, dict[str, Any]], env: dict[str, Any],
-                  model_runs: Callable) -> dict[str, Any]:
+                  model_runs: Callable, vit: dict[str, Any]) -> dict[str, Any]:
     """Write predictions, plots, report.md and (last, the mark of a finished run) metrics.json."""
     models: dict[str, Any] = {}
     for model in cfg.models:
@@ -91,6 +91,7 @@ def write_outputs(out: Path, cfg, data, finished: dict[str, dict[str, Any]], env
     metrics = {
         "models": models,
         "flops_ratios": flops_ratios(models),
+        "vit": vit,
         "data": {"source": data.source, "ood_source": data.ood_source, "train_examples": len(data.y_train),
                  "test_examples": len(data.y_test), "ood_examples": None if data.x_ood is None else len(data.x_ood),
                  "num_classes": data.num_classes, "image_shape": list(data.image_shape)},
@@ -151,8 +152,10 @@ def report(cfg, metrics: dict[str, Any]) -> str:
     plots = "\n".join(f"![reliability {m}](reliability_{m}.png)" for m in models)
     config_rows = "\n".join(f"| {k} | {v} |" for k, v in dataclasses.asdict(cfg).items())
     ood = data["ood_source"] or "none given: OOD metrics left out"
+    patch = metrics["vit"]["patch_size"]
     command = (f"moekit ensemble --preset {cfg.preset} --models {','.join(cfg.models)} --seed {cfg.seed} "
                f"--k {cfg.k} --steps {cfg.steps} --finetune-steps {cfg.finetune_steps}"
+               + (f" --train-examples {cfg.train_examples}" if cfg.train_examples else "")
                + (f" --data {cfg.data}" if cfg.data else ""))
     return f"""# moekit ensemble: ViT vs V-MoE vs E^3 vs deep ensemble
 
@@ -163,7 +166,9 @@ Data: {data["source"]}; {data["train_examples"]:,} training images, {data["test_
 OOD set: {ood}{"" if data["ood_examples"] is None else f" ({data['ood_examples']:,} images)"}.
 
 Models (E = {cfg.num_experts} experts, K = {cfg.k}, M = {cfg.ensemble_size}, capacity factor
-{cfg.capacity_factor}, ViT depth {cfg.depth}, width {cfg.dim}):
+{cfg.capacity_factor} rounded up to a multiple of 4, batch-prioritised routing; ViT depth {cfg.depth},
+width {cfg.dim}, {cfg.heads} heads, MLP {cfg.mlp_dim}, patches {patch}x{patch}, class-token pooling;
+AdamW, batch {cfg.batch_size}, lr {cfg.lr} with warm-up and cosine decay):
 {described}
 
 ## Results on the test set
