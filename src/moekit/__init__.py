@@ -1,0 +1,37 @@
+"""moekit: sparse mixture-of-experts layers, models and tools for PyTorch."""
+
+from moekit import reference
+from moekit.experts import Experts
+from moekit.layer import HierarchicalMoE, MoE
+from moekit.routing import (
+    BatchwiseRouter,
+    NoisyTopKRouter,
+    SwitchRouter,
+    TopKRouter,
+    build_router,
+    register_router,
+    routers,
+)
+from moekit.routing.hierarchical import HierarchicalRouter
+from moekit.types import MoEOutput, Routing, RoutingStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchwiseRouter",
+    "Experts",
+    "HierarchicalMoE",
+    "HierarchicalRouter",
+    "MoE",
+    "MoEOutput",
+    "NoisyTopKRouter",
+    "Routing",
+    "RoutingStats",
+    "SwitchRouter",
+    "TopKRouter",
+    "__version__",
+    "build_router",
+    "reference",
+    "register_router",
+    "routers",
+]

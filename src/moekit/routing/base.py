@@ -1,0 +1,141 @@
+"""Shared pieces of the routers: argument checks, the registry and the gating core.
+
+Legend: T tokens, D model dim, E experts, K slots per token (top-k).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from moekit.routing.losses import cv_squared, hard_counts, prob_in_top_k, scatter_to_experts
+from moekit.types import Routing, RoutingStats
+
+_REGISTRY: dict[str, type[nn.Module]] = {}
+
+
+def register_router(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make a router constructible by name in ``moekit.MoE(router=name)``."""
+
+    def deco(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"router name {name!r} is already registered to {_REGISTRY[name].__name__}")
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def routers() -> list[str]:
+    """Names of the registered routers."""
+    return sorted(_REGISTRY)
+
+
+def build_router(name: str, dim: int, num_experts: int, k: int, **kwargs) -> nn.Module:
+    """Construct a registered router by name."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown router {name!r}; known routers: {routers()}")
+    return _REGISTRY[name](dim, num_experts, k, **kwargs)
+
+
+def check_router_args(dim: int, num_experts: int, k: int) -> None:
+    """Validate the sizes every router shares; raise ``ValueError`` naming the bad value."""
+    for name, value in (("dim", dim), ("num_experts", num_experts), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    if k > num_experts:
+        raise ValueError(f"k={k} exceeds num_experts={num_experts}")
+
+
+def check_router_input(x_TD: torch.Tensor, mask_T: torch.Tensor | None, dim: int) -> None:
+    """Validate a router's input; raise ``TypeError``/``ValueError`` naming the bad value."""
+    if not isinstance(x_TD, torch.Tensor):
+        raise TypeError(f"router input must be a torch.Tensor, got {type(x_TD).__name__}")
+    if not x_TD.is_floating_point():
+        raise TypeError(f"router input must be floating point, got dtype={x_TD.dtype}")
+    if x_TD.dim() != 2 or x_TD.shape[-1] != dim:
+        raise ValueError(f"router input must have shape [T, {dim}], got {tuple(x_TD.shape)}")
+    if mask_T is not None:
+        if not isinstance(mask_T, torch.Tensor) or mask_T.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {getattr(mask_T, 'dtype', type(mask_T))}")
+        if mask_T.shape != x_TD.shape[:1]:
+            raise ValueError(f"mask shape {tuple(mask_T.shape)} does not match tokens {tuple(x_TD.shape[:1])}")
+    # A NaN logit makes top-k order undefined and silently poisons every expert's gradient;
+    # fail loudly instead. Skipped while tracing for torch.compile (data-dependent branch).
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(x_TD).all()):
+        bad = (~torch.isfinite(x_TD)).nonzero()[0].tolist()
+        raise ValueError(f"router input holds NaN or Inf (first at index {bad}, value {x_TD[tuple(bad)].item()})")
+
+
+def token_weights(mask_T: torch.Tensor | None, x_TD: torch.Tensor) -> torch.Tensor | None:
+    """[T] float32 0/1 weights from a bool mask (None when every token is real)."""
+    return None if mask_T is None else mask_T.to(torch.float32)
+
+
+class TopK(NamedTuple):
+    indices: torch.Tensor  # [..., K] long
+    gates: torch.Tensor  # [..., K] combine weights (softmax over the K kept logits)
+    load_prob: torch.Tensor | None  # [..., E] P(x, i) when noise was drawn and K < E, else None
+
+
+def noisy_top_k(clean: torch.Tensor, noise_std: torch.Tensor | None, k: int) -> TopK:
+    """Shazeer eq. 3-5 on the last dimension: keep the k largest (noisy) logits, softmax over them.
+
+    Args:
+        clean: [..., E] clean logits ``x @ W_g``.
+        noise_std: [..., E] noise std (``softplus(x @ W_noise) + eps``), or None for no noise.
+        k: experts kept per token.
+    """
+    num_experts = clean.shape[-1]
+    if noise_std is None:
+        top_values, top_idx = clean.topk(k, dim=-1)
+        return TopK(top_idx, torch.softmax(top_values, dim=-1), None)
+    noisy = clean + torch.randn_like(clean) * noise_std
+    # k+1 values: the (k+1)-th is the threshold of eq. 9 for experts already in the top k.
+    top_values, top_idx = noisy.topk(min(k + 1, num_experts), dim=-1)
+    gates = torch.softmax(top_values[..., :k], dim=-1)
+    load_prob = None
+    if k < num_experts:
+        load_prob = prob_in_top_k(clean, noisy, noise_std, top_values, k)
+    return TopK(top_idx[..., :k], gates, load_prob)
+
+
+def finish_routing(
+    indices_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    num_experts: int,
+    weight_T: torch.Tensor | None,
+    load_E: torch.Tensor | None,
+    extra_losses: dict[str, torch.Tensor],
+    coefficients: dict[str, float],
+) -> Routing:
+    """Mask padding slots, compute importance/load/CV^2 and the weighted aux loss.
+
+    Args:
+        indices_TK, weights_TK: the routing of every token.
+        weight_T: [T] 0/1 (0 = padding) or None.
+        load_E: [E] smooth load, or None to use the hard count.
+        extra_losses: unweighted losses beyond importance/load.
+        coefficients: loss name -> weight; losses without a coefficient are reported only, and a
+            coefficient whose loss is absent (e.g. a training-only loss in eval) adds nothing.
+    """
+    if weight_T is not None:
+        real_T1 = weight_T[:, None] > 0
+        indices_TK = torch.where(real_T1, indices_TK, torch.full_like(indices_TK, -1))
+        weights_TK = weights_TK * weight_T[:, None].to(weights_TK.dtype)
+    counts_E = hard_counts(indices_TK, num_experts)
+    importance_E = scatter_to_experts(indices_TK, weights_TK, num_experts)
+    if load_E is None:
+        load_E = counts_E.to(importance_E.dtype)
+    losses = {"importance": cv_squared(importance_E), "load": cv_squared(load_E), **extra_losses}
+    aux = importance_E.new_zeros(())
+    for name, coef in coefficients.items():
+        if coef and name in losses:
+            aux = aux + coef * losses[name]
+    stats = RoutingStats(importance_E, load_E, counts_E, 0, losses)
+    return Routing(indices_TK, weights_TK, aux, stats)

@@ -1,0 +1,94 @@
+"""Strictly balanced (batchwise) gating, Shazeer et al. 2017 appendix F.
+
+Legend: T tokens, D model dim, E experts, K slots per token (varies per token here).
+
+In training every expert takes exactly its top ``m = k*T/E`` tokens of the batch (column-wise
+top-m of the gate logits), so loads are balanced by construction. A token may thus get any number
+of experts, from 0 to E; the routing is padded to the widest token with empty (-1) slots. At
+inference a batch is not available (or not representative), so each expert keeps the tokens whose
+logit exceeds a learned threshold T_i, trained with the appendix's loss to agree with the batch mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.routing.base import check_router_args, check_router_input, finish_routing, register_router
+from moekit.routing.losses import batchwise_threshold_loss
+from moekit.types import Routing
+
+
+def batchwise_m(num_tokens: int, num_experts: int, k: int) -> int:
+    """Tokens per expert, ``m = k*T/E`` rounded down, at least 1 and at most T."""
+    return max(1, min(num_tokens, (k * num_tokens) // num_experts)) if num_tokens else 0
+
+
+def mask_to_routing(mask_TE: torch.Tensor, gates_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a [T, E] bool expert mask into padded ([T, K'], [T, K']) indices and weights.
+
+    K' is the largest number of experts any token got (at least 1); the remaining slots are -1.
+    """
+    width = max(1, int(mask_TE.sum(-1).max().item())) if mask_TE.numel() else 1
+    # A stable descending sort of the 0/1 mask puts each token's chosen experts first, in index order.
+    _, order_TE = torch.sort(mask_TE.to(torch.int8), dim=-1, descending=True, stable=True)
+    idx_TK = order_TE[:, :width]
+    chosen_TK = mask_TE.gather(1, idx_TK)
+    indices_TK = torch.where(chosen_TK, idx_TK, torch.full_like(idx_TK, -1))
+    weights_TK = gates_TE.gather(1, idx_TK) * chosen_TK.to(gates_TE.dtype)
+    return indices_TK, weights_TK
+
+
+@register_router("batchwise")
+class BatchwiseRouter(nn.Module):
+    """``G(x)_i = Softmax(x W_g)_i M_i / sum_j Softmax(x W_g)_j M_j`` with a batchwise mask M.
+
+    Args:
+        k: average experts per token; sets ``m = k*T/E``.
+        w_threshold: coefficient of the threshold loss (mean over tokens of appendix F's sum).
+        w_importance, w_load: coefficients of the usual CV^2 losses (the load is balanced by
+            construction in training, so both default to 0).
+    """
+
+    def __init__(self, dim: int, num_experts: int, k: int = 2, w_importance: float = 0.0,
+                 w_load: float = 0.0, w_threshold: float = 1.0, init_std: float = 0.02,
+                 device=None, dtype=None):
+        super().__init__()
+        check_router_args(dim, num_experts, k)
+        self.dim, self.num_experts, self.k = dim, num_experts, k
+        self.w_importance, self.w_load, self.w_threshold = w_importance, w_load, w_threshold
+        self.w_gate = nn.Parameter(torch.randn(dim, num_experts, device=device, dtype=dtype) * init_std)
+        self.thresholds = nn.Parameter(torch.zeros(num_experts, device=device, dtype=dtype))
+
+    def batch_mask(self, logits_TE: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
+        """[T, E] bool: each expert's top-m real tokens."""
+        num_real = logits_TE.shape[0] if mask_T is None else int(mask_T.sum().item())
+        m = batchwise_m(num_real, self.num_experts, self.k)
+        scores_TE = logits_TE if mask_T is None else logits_TE.masked_fill(~mask_T[:, None], float("-inf"))
+        out = torch.zeros_like(logits_TE, dtype=torch.bool)
+        if m:
+            top_tokens_mE = scores_TE.topk(m, dim=0).indices
+            out.scatter_(0, top_tokens_mE, True)
+        return out
+
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
+        check_router_input(x_TD, mask_T, self.dim)
+        logits_TE = x_TD.float() @ self.w_gate.float()
+        thresholds_E = self.thresholds.float()
+        weight_T = None if mask_T is None else mask_T.float()
+        extra = {}
+        if self.training:
+            keep_TE = self.batch_mask(logits_TE, mask_T)
+            extra["threshold"] = batchwise_threshold_loss(logits_TE, thresholds_E, keep_TE, weight_T)
+        else:
+            keep_TE = logits_TE > thresholds_E
+        if mask_T is not None:
+            keep_TE = keep_TE & mask_T[:, None]
+        probs_TE = torch.softmax(logits_TE, dim=-1) * keep_TE
+        gates_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(probs_TE.dtype).tiny)
+        indices_TK, weights_TK = mask_to_routing(keep_TE, gates_TE)
+        coefs = {"importance": self.w_importance, "load": self.w_load, "threshold": self.w_threshold}
+        return finish_routing(indices_TK, weights_TK, self.num_experts, weight_T, None, extra, coefs)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"

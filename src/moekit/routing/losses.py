@@ -1,0 +1,145 @@
+"""Balancing losses and the smooth load estimator, as pure functions.
+
+Legend: T tokens, E experts, K slots per token (top-k).
+
+Everything here is differentiable where the paper needs a gradient and works in whatever
+dtype it is given (routers call it in float32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Added to the denominator of CV^2 (as tensor2tensor's cv_squared does) so an all-zero vector
+# gives 0 instead of NaN.
+CV_EPS = 1e-10
+
+
+def cv_squared(x_E: torch.Tensor, eps: float = CV_EPS) -> torch.Tensor:
+    """Squared coefficient of variation, ``var / (mean^2 + eps)``, with the population variance.
+
+    Shazeer et al. 2017 eq. 7 and 11 use CV^2 of the per-expert importance and load. A vector of
+    fewer than two elements has no spread: the result is 0.
+
+    Args:
+        x_E: [E] non-negative values.
+    Returns:
+        scalar tensor.
+    """
+    if x_E.numel() < 2:
+        return x_E.new_zeros(())
+    x_E = x_E.float() if not x_E.is_floating_point() else x_E
+    mean = x_E.mean()
+    var = (x_E - mean).pow(2).mean()
+    return var / (mean * mean + eps)
+
+
+def normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    """Phi(z), the standard normal CDF."""
+    return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+
+
+def prob_in_top_k(
+    clean_TE: torch.Tensor,
+    noisy_TE: torch.Tensor,
+    noise_std_TE: torch.Tensor,
+    top_values_TK1: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
+    """P(x, i) of Shazeer eq. 8-9: probability that expert i is in the top k of token x.
+
+    The probability is taken over a fresh draw of the noise on element i, the noise on the
+    other elements held fixed. Expert i is in the top k iff its noisy logit beats the k-th largest
+    of the *other* noisy logits (``kth_excluding``). If i is currently in the top k, that threshold
+    is the (k+1)-th largest noisy logit; otherwise it is the k-th largest. The numerator uses the
+    clean logit, the denominator the noise std (eq. 9).
+
+    Args:
+        clean_TE: [..., E] clean logits ``x @ W_g``.
+        noisy_TE: [..., E] noisy logits H(x).
+        noise_std_TE: [..., E] noise standard deviation (> 0).
+        top_values_TK1: [..., k+1] the k+1 largest noisy logits, descending (requires k < E).
+        k: the number of experts kept per token.
+    Returns:
+        [..., E] probabilities; ``sum`` over tokens gives the smooth load of eq. 10.
+    """
+    threshold_if_in = top_values_TK1[..., k : k + 1]
+    threshold_if_out = top_values_TK1[..., k - 1 : k]
+    is_in = noisy_TE > threshold_if_in
+    prob_if_in = normal_cdf((clean_TE - threshold_if_in) / noise_std_TE)
+    prob_if_out = normal_cdf((clean_TE - threshold_if_out) / noise_std_TE)
+    return torch.where(is_in, prob_if_in, prob_if_out)
+
+
+def switch_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor, num_experts: int,
+                weight_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch Transformer load-balancing loss ``E * sum_i f_i * P_i``.
+
+    ``f_i`` is the fraction of routed slots sent to expert i (no gradient), ``P_i`` the mean router
+    probability of expert i. It equals 1 under perfectly uniform routing.
+
+    Args:
+        probs_TE: [T, E] router softmax probabilities.
+        indices_TK: [T, K] chosen experts (-1 for an empty slot).
+        num_experts: E.
+        weight_T: optional [T] 0/1 weights (0 for padding tokens).
+    """
+    if weight_T is None:
+        weight_T = probs_TE.new_ones(probs_TE.shape[0])
+    n_tokens = weight_T.sum().clamp_min(1.0)
+    slot_counts_E = hard_counts(indices_TK, num_experts).to(probs_TE.dtype)
+    f_E = slot_counts_E / slot_counts_E.sum().clamp_min(1.0)
+    p_E = (probs_TE * weight_T[:, None]).sum(0) / n_tokens
+    return num_experts * (f_E * p_E).sum()
+
+
+def z_loss(logits_TE: torch.Tensor, weight_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean over tokens of ``logsumexp(logits)^2``.
+
+    Keeps router logits small, which keeps the softmax out of its saturated, round-off-prone regime.
+    """
+    lse_T = torch.logsumexp(logits_TE, dim=-1).pow(2)
+    if weight_T is None:
+        return lse_T.mean()
+    return (lse_T * weight_T).sum() / weight_T.sum().clamp_min(1.0)
+
+
+def hard_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] long: how many slots route to each expert; -1 (empty) slots are ignored."""
+    flat = indices_TK.reshape(-1)
+    flat = torch.where(flat < 0, num_experts, flat)
+    return torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+
+
+def scatter_to_experts(indices_TK: torch.Tensor, values_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] sum of ``values`` per expert; -1 (empty) slots are ignored. Differentiable in ``values``."""
+    flat_idx = torch.where(indices_TK < 0, num_experts, indices_TK).reshape(-1)
+    out = values_TK.new_zeros(num_experts + 1)
+    out = out.index_add(0, flat_idx, values_TK.reshape(-1))
+    return out[:num_experts]
+
+
+def batchwise_threshold_loss(
+    logits_TE: torch.Tensor, thresholds_E: torch.Tensor, batch_mask_TE: torch.Tensor,
+    weight_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Appendix F's threshold loss, averaged over tokens.
+
+    ``L = sum_j sum_i (M_threshold(x_j)_i - M_batchwise(X)_{j,i}) * (X_{j,i} - T_i)``: where the
+    threshold mask disagrees with the batch mask, it pushes T_i (and the logit) towards agreement.
+    The paper sums over the batch; we average over tokens so the scale does not grow with T.
+
+    Args:
+        logits_TE: [T, E] gate logits X.
+        thresholds_E: [E] learned thresholds T.
+        batch_mask_TE: [T, E] bool, the batchwise (top-m per expert) mask.
+        weight_T: optional [T] 0/1 weights (0 for padding tokens).
+    """
+    thr_mask = (logits_TE > thresholds_E).to(logits_TE.dtype)
+    diff = (thr_mask - batch_mask_TE.to(logits_TE.dtype)) * (logits_TE - thresholds_E)
+    per_token = diff.sum(-1)
+    if weight_T is None:
+        return per_token.mean()
+    return (per_token * weight_T).sum() / weight_T.sum().clamp_min(1.0)
