@@ -139,6 +139,12 @@ def test_demo_writes_the_out_dir_contract(finished_run, capsys):
     # Dropless routing computes k=2 slots for every validation token.
     assert sum(ex["counts"]) == 2 * m["valid"]["tokens"] and ex["dropped"] == 0
     assert sum(ex["importance"]) == pytest.approx(m["valid"]["tokens"], rel=1e-4)  # gates sum to 1
+    # ... and the expert table is recomputable from the saved per-token routing.
+    idx, w = raw["valid_expert_indices"].astype(np.int64), raw["valid_expert_weights"]
+    assert idx.shape == w.shape == (m["valid"]["tokens"], 2)
+    assert np.bincount(idx.ravel(), minlength=4).tolist() == ex["counts"]
+    per_expert = np.bincount(idx.ravel(), weights=w.ravel().astype(np.float64), minlength=4)
+    np.testing.assert_allclose(per_expert, ex["importance"], rtol=1e-4)
     assert "validation" in (out / "report.md").read_text()
 
 

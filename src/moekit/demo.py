@@ -156,28 +156,37 @@ class EvalResult(NamedTuple):
     load: list[float]
     counts: list[int]
     dropped: int
+    expert_indices: torch.Tensor  # [N, K], the routing of each token (-1 = empty slot)
+    expert_weights: torch.Tensor  # [N, K], its combine weights
+
+
+def _sum(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value.cpu() if total is None else total + value.cpu()
 
 
 @torch.no_grad()
 def evaluate(model: DemoLM, batches, device: torch.device) -> EvalResult:
-    """Per-token cross-entropy and routing statistics summed over ``batches`` (eval mode)."""
+    """Per-token cross-entropy and routing, with the MoE's statistics summed over ``batches``.
+
+    Runs in eval mode, where routing is deterministic, so the routing recorded per token (by a
+    second call of the router on the same inputs) is the one the statistics were computed from.
+    """
     was_training = model.training
     model.eval()
-    nll, targets = [], []
+    nll, targets, indices, weights = [], [], [], []
     importance = load = counts = None
     dropped = 0
     for x_BS, y_BS in batches:
-        logits_BSV, _, stats = model(x_BS.to(device))
-        nll.append(
-            F.cross_entropy(
-                logits_BSV.flatten(0, 1).float(), y_BS.to(device).flatten(), reduction="none"
-            ).cpu()
-        )
-        targets.append(y_BS.flatten())
-        imp, ld, cnt = stats.importance.float().cpu(), stats.load.float().cpu(), stats.counts.cpu()
-        importance = imp if importance is None else importance + imp
-        load = ld if load is None else load + ld
-        counts = cnt if counts is None else counts + cnt
+        x_BS, y_BS = x_BS.to(device), y_BS.to(device)
+        logits_BSV, _, stats = model(x_BS)
+        nll.append(F.cross_entropy(logits_BSV.flatten(0, 1).float(), y_BS.flatten(), reduction="none").cpu())
+        targets.append(y_BS.flatten().cpu())
+        routing = model.moe.router(model.embed(x_BS).flatten(0, 1))
+        indices.append(routing.indices.cpu())
+        weights.append(routing.weights.float().cpu())
+        importance = _sum(importance, stats.importance.float())
+        load = _sum(load, stats.load.float())
+        counts = _sum(counts, stats.counts)
         dropped += int(stats.dropped)
     model.train(was_training)
     nll_N = torch.cat(nll)
@@ -191,6 +200,8 @@ def evaluate(model: DemoLM, batches, device: torch.device) -> EvalResult:
         load.tolist(),
         counts.tolist(),
         dropped,
+        torch.cat(indices),
+        torch.cat(weights),
     )
 
 
@@ -369,8 +380,9 @@ max/mean load = {ex["max_over_mean_load"]:.3f}, dropped token-slots = {ex["dropp
 ## Files
 
 `config.json` (this configuration), `metrics.json` (all numbers above, loss history),
-`eval_tokens.npz` (per-token targets and cross-entropy of both evaluations, from which the
-perplexities can be recomputed), `vocab.json`, `checkpoints/` (the last training state).
+`eval_tokens.npz` (per-token targets and cross-entropy of both evaluations, and each
+validation token's experts and gate weights: the perplexities and expert table can be recomputed
+from it), `vocab.json`, `checkpoints/` (the last training state).
 
 ## Configuration
 
@@ -417,6 +429,8 @@ def write_outputs(
         train_nll=train_ev.nll.numpy(),
         valid_targets=valid_ev.targets.numpy().astype(np.int32),
         valid_nll=valid_ev.nll.numpy(),
+        valid_expert_indices=valid_ev.expert_indices.numpy().astype(np.int16),
+        valid_expert_weights=valid_ev.expert_weights.numpy(),
     )
     plots.plot_loss_curves(
         out / "loss.png",
