@@ -130,9 +130,7 @@ def test_demo_writes_the_out_dir_contract(finished_run, capsys):
     raw = np.load(out / "eval_tokens.npz")
     for split in ("train", "valid"):
         assert m[split]["tokens"] == raw[f"{split}_nll"].size == raw[f"{split}_targets"].size
-        assert m[split]["ppl"] == pytest.approx(
-            math.exp(raw[f"{split}_nll"].astype(np.float64).mean()), rel=1e-5
-        )
+        assert m[split]["ppl"] == pytest.approx(math.exp(raw[f"{split}_nll"].astype(np.float64).mean()), rel=1e-5)
         assert 1 < m[split]["ppl"] < 120  # better than uniform over the 120-word vocabulary
     ex = m["experts"]
     assert len(ex["counts"]) == len(ex["importance"]) == len(ex["load"]) == 4
@@ -192,9 +190,7 @@ def test_ctrl_c_saves_the_completed_step_and_resume_matches_an_uninterrupted_run
     _assert_same_run(finished_run, out)
 
 
-def test_resume_after_a_crash_continues_from_the_last_checkpoint(
-    tmp_path, text_file, finished_run, monkeypatch
-):
+def test_resume_after_a_crash_continues_from_the_last_checkpoint(tmp_path, text_file, finished_run, monkeypatch):
     out = tmp_path / "run"
 
     def crash():

@@ -48,9 +48,7 @@ def _device(name: str) -> str:
 
 
 def _add_common(parser: argparse.ArgumentParser, default_out: str) -> None:
-    parser.add_argument(
-        "--out", default=default_out, metavar="DIR", help=f"output directory (default: {default_out})"
-    )
+    parser.add_argument("--out", default=default_out, metavar="DIR", help=f"output directory (default: {default_out})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or status messages")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
