@@ -244,7 +244,7 @@ def test_bad_data_file_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("bad", [["--k", "5"], ["--seq-len", "100000"], ["--steps", "0"]])
+@pytest.mark.parametrize("bad", [["--k", "5"], ["--seq-len", "100000"], ["--steps", "0"], ["--device", "nodevice"]])
 def test_invalid_config_is_refused_before_the_out_dir_is_touched(tmp_path, text_file, bad, capsys):
     out = tmp_path / "o"
     try:

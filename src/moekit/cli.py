@@ -39,11 +39,14 @@ JOBS: dict[str, Job] = {
 
 
 def _device(name: str) -> str:
-    if name != "auto":
-        try:
-            torch.device(name)
-        except RuntimeError as e:
-            raise argparse.ArgumentTypeError(f"unknown device {name!r}") from e
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"unknown device {name!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {name!r}: CUDA is not available in this torch build or machine")
     return name
 
 

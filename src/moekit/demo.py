@@ -259,6 +259,18 @@ def _restore(path: Path, model: DemoLM, opt: torch.optim.Optimizer, vocab: Vocab
     return {"step": ckpt["step"], "elapsed_s": ckpt["elapsed_s"], "history": ckpt["history"]}
 
 
+def _train_step(
+    model: DemoLM, opt: torch.optim.Optimizer, x_BS: torch.Tensor, y_BS: torch.Tensor, device: torch.device
+) -> float:
+    """One Adam step on cross-entropy + the MoE balancing loss; returns the cross-entropy."""
+    logits_BSV, aux_loss, _ = model(x_BS.to(device))
+    ce = F.cross_entropy(logits_BSV.flatten(0, 1).float(), y_BS.to(device).flatten())
+    opt.zero_grad(set_to_none=True)
+    (ce + aux_loss).backward()
+    opt.step()
+    return ce.item()
+
+
 def train(
     model: DemoLM,
     opt: torch.optim.Optimizer,
@@ -288,17 +300,12 @@ def train(
     with _StopRequest() as stop, bar:
         while state["step"] < cfg.steps:
             t0 = time.perf_counter()
-            x_BS, y_BS = next(batches)
-            logits_BSV, aux_loss, _ = model(x_BS.to(device))
-            ce = F.cross_entropy(logits_BSV.flatten(0, 1).float(), y_BS.to(device).flatten())
-            opt.zero_grad(set_to_none=True)
-            (ce + aux_loss).backward()
-            opt.step()
+            ce = _train_step(model, opt, *next(batches), device)
             state["step"] += 1
             state["elapsed_s"] += time.perf_counter() - t0
             step, session_steps = state["step"], session_steps + 1
             hist["train_step"].append(step)
-            hist["train_loss"].append(ce.item())
+            hist["train_loss"].append(ce)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 batches_v = eval_batches(valid_ids, cfg.batch_size, cfg.seq_len, cfg.eval_tokens)
                 hist["valid_step"].append(step)
@@ -306,7 +313,7 @@ def train(
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
                 _checkpoint(out, model, opt, state, vocab)
             rate = session_steps * tokens_per_step / (time.perf_counter() - session_start)
-            bar.set_postfix(loss=f"{ce.item():.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            bar.set_postfix(loss=f"{ce:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
             if stop.requested:
                 raise KeyboardInterrupt(f"stopped after step {step}; checkpoint saved")
