@@ -21,33 +21,10 @@ from moekit.train.checkpoint import load_checkpoint
 
 torch.set_num_threads(1)
 
-TINY = [
-    "--steps",
-    "6",
-    "--batch-size",
-    "4",
-    "--seq-len",
-    "8",
-    "--dim",
-    "16",
-    "--hidden-dim",
-    "32",
-    "--num-experts",
-    "4",
-    "--k",
-    "2",
-    "--vocab-size",
-    "120",
-    "--eval-every",
-    "3",
-    "--eval-tokens",
-    "200",
-    "--checkpoint-every",
-    "2",
-    "--device",
-    "cpu",
-    "--quiet",
-]
+TINY = (
+    "--steps 6 --batch-size 4 --seq-len 8 --dim 16 --hidden-dim 32 --num-experts 4 --k 2 --vocab-size 120 "
+    "--eval-every 3 --eval-tokens 200 --lr 0.02 --checkpoint-every 2 --device cpu --quiet"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +103,13 @@ def test_demo_writes_the_out_dir_contract(finished_run, capsys):
     assert m["history"]["train_step"] == [1, 2, 3, 4, 5, 6]
     assert m["history"]["valid_step"] == [3, 6]
     assert m["history"]["valid_loss"][-1] == pytest.approx(m["valid"]["loss"])
+    assert m["history"]["valid_loss"][1] < m["history"]["valid_loss"][0]  # it learns
     # The perplexities are recomputable from the saved per-token cross-entropies.
     raw = np.load(out / "eval_tokens.npz")
     for split in ("train", "valid"):
         assert m[split]["tokens"] == raw[f"{split}_nll"].size == raw[f"{split}_targets"].size
         assert m[split]["ppl"] == pytest.approx(math.exp(raw[f"{split}_nll"].astype(np.float64).mean()), rel=1e-5)
-        assert 1 < m[split]["ppl"] < 120  # better than uniform over the 120-word vocabulary
+        assert 1 < m[split]["ppl"] < 100  # clearly better than uniform over the 120-word vocabulary
     ex = m["experts"]
     assert len(ex["counts"]) == len(ex["importance"]) == len(ex["load"]) == 4
     # Dropless routing computes k=2 slots for every validation token.
