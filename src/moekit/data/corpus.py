@@ -123,8 +123,12 @@ def load_kjv(program: str = KJV_PROGRAM) -> list[Verse]:
             f"the King James Bible needs the program {program!r} from the Debian package "
             f"{KJV_PACKAGE}: install it with `apt-get install {KJV_PACKAGE}`"
         )
-    # A very wide line keeps each verse on one line; the parser copes with wrapping anyway.
-    result = subprocess.run([exe, "-l100000", KJV_RANGE], capture_output=True, text=True, encoding="utf-8", check=False)
+    # A very wide line keeps each verse on one line (the parser copes with wrapping anyway); no
+    # stdin, because without complete arguments the program turns interactive.
+    cmd = [exe, "-l100000", KJV_RANGE]
+    result = subprocess.run(
+        cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, encoding="utf-8", check=False
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{exe} {KJV_RANGE} failed ({result.returncode}): {result.stderr.strip()}")
     verses = parse_bible_output(result.stdout)
