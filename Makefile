@@ -6,9 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moekit-setup
 TORCH_VERSION := 2.13.0
-# The CPU wheel index: a plain `pip install torch` on Linux would pull the CUDA build and its
-# gigabytes of libraries. Override for a GPU machine, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# torch is pinned and installed first: an unpinned `pip install torch` on Linux pulls the CUDA build
+# and its gigabytes of libraries. Set TORCH_INDEX to take torch from another wheel index (e.g. a
+# CUDA build for a GPU machine); by default pip's configured sources are used.
+TORCH_INDEX ?=
 DEB_PACKAGES := bible-kjv sword-text-web dataset-fashion-mnist
 
 .PHONY: setup demo test lint deb-packages clean
@@ -19,7 +20,7 @@ setup: $(STAMP) deb-packages
 # TORCH_INDEX, so that installing moekit finds it already satisfied.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --index-url $(TORCH_INDEX) "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
