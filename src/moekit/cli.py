@@ -35,6 +35,11 @@ JOBS: dict[str, Job] = {
         "moekit.demo",
         "runs/demo",
     ),
+    "bench": Job(
+        "benchmark the MoE layer against the dense-FLOPs limit and baseline dispatchers",
+        "moekit.bench",
+        "runs/bench",
+    ),
 }
 
 
