@@ -15,7 +15,9 @@ full expert tensors, for ``torch.save`` files and models that never run distribu
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -30,6 +32,14 @@ from moekit.parallel.expert_parallel import EXPERT_WEIGHTS, expert_parallel_laye
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it 'assumes' a single process whenever none is initialized; here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _as_global(local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
@@ -80,8 +90,9 @@ def _to_local(value):
 def save_distributed(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                      group=None) -> None:
     """Write ``model`` (and ``optimizer``) to the directory ``path``; every rank of ``group`` calls this."""
-    dcp.save(checkpoint_state(model, optimizer, group), checkpoint_id=os.fspath(path), process_group=group,
-             no_dist=not _distributed())
+    with _quiet_single_process():
+        dcp.save(checkpoint_state(model, optimizer, group), checkpoint_id=os.fspath(path), process_group=group,
+                 no_dist=not _distributed())
 
 
 def load_distributed(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -91,7 +102,8 @@ def load_distributed(path: str | os.PathLike, model: nn.Module, optimizer: torch
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no distributed checkpoint directory at {os.fspath(path)!r}")
     state = checkpoint_state(model, optimizer, group)
-    dcp.load(state, checkpoint_id=os.fspath(path), process_group=group, no_dist=not _distributed())
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=os.fspath(path), process_group=group, no_dist=not _distributed())
     state = _to_local(state)
     model.load_state_dict(state["model"])
     if optimizer is not None:
@@ -100,7 +112,8 @@ def load_distributed(path: str | os.PathLike, model: nn.Module, optimizer: torch
 
 def full_state_dict(model: nn.Module, group=None) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with each expert weight gathered to its full [E, ...] shape, on every rank:
-    the state dict of the equivalent single-process model."""
+    the state dict of the equivalent single-process model. As in ``state_dict()``, the other
+    tensors share storage with the model's."""
     state = model.state_dict()
     for name in sorted(expert_parameter_names(model)):  # same order on every rank
         local = state[name].contiguous()
