@@ -177,7 +177,7 @@ def train_step(model, opt, tokens, rows, total, step, distributed):
     return loss.item()
 
 
-def train_ep(rank: int, world: int, steps: range, model=None, opt=None):
+def train_ep(rank: int, world: int, steps: range, model, opt):
     """Train the expert-parallel model on rank r's batch of each step; returns losses."""
     rows = slice(rank * BATCH * SEQ, (rank + 1) * BATCH * SEQ)
     return [train_step(model, opt, batches(s, world)[rank], rows, world * BATCH * SEQ, s, True) for s in steps]
