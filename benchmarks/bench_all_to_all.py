@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ CANDIDATES = ("local", "expert_parallel", "all_to_all", "all_reduce")
 def _layer_step(moe, x, backward: bool):
     def run():
         dist.barrier()
-        for p in moe.parameters():
+        for p in (x, *moe.parameters()):
             p.grad = None
         if not backward:
             with torch.no_grad():
@@ -80,7 +81,8 @@ def measure_rank(rank: int, world: int, cfg: dict) -> list[dict]:
         local = moekit.MoE(cfg["dim"], cfg["experts"], cfg["k"], cfg["hidden"], router="topk")
         expert_parallel = apply_expert_parallel(copy.deepcopy(local))
         torch.manual_seed(1 + rank)
-        x = torch.randn(tokens, cfg["dim"])
+        # Inside a network the layer's input needs a gradient (it comes from trainable layers).
+        x = torch.randn(tokens, cfg["dim"]).requires_grad_(cfg["backward"])
         fns = {"local": _layer_step(local, x, cfg["backward"]),
                "expert_parallel": _layer_step(expert_parallel, x, cfg["backward"]),
                "all_to_all": _all_to_all_step(torch.randn(cfg["k"] * tokens, cfg["dim"]), world),
@@ -117,7 +119,8 @@ def summarise(per_rank: list[list[dict]], cfg: dict) -> list[dict]:
 def markdown(rows: list[dict], cfg: dict) -> str:
     mode = "forward+backward" if cfg["backward"] else "forward"
     head = (f"W={cfg['world']} ranks (gloo, {cfg['threads']} thread each), E={cfg['experts']} k={cfg['k']} "
-            f"D={cfg['dim']} F={cfg['hidden']}, float32, {mode}\n\n"
+            f"D={cfg['dim']} F={cfg['hidden']}, float32, {mode}; machine load average "
+            f"{cfg['load_average_1min'][0]:.1f} -> {cfg['load_average_1min'][1]:.1f}\n\n"
             "Milliseconds, best (median) of the repeats, slowest rank.\n\n"
             "| tokens/rank | local | expert-parallel | overhead | EP/local | one all-to-all | one small all-reduce "
             "| MB sent/rank/step |\n|---|---|---|---|---|---|---|---|")
@@ -154,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg.update(tokens=[8, 32], dim=16, hidden=32, experts=4, repeats=1)
     if cfg["experts"] % cfg["world"]:
         p.error(f"--experts {cfg['experts']} must be divisible by --world {cfg['world']}")
+    # The machine's load average before and after: on a shared machine, it says what the timings are worth.
+    load_before = os.getloadavg()[0]
     per_rank = spawn_local(measure_rank, cfg["world"], (cfg,), timeout_s=600.0, threads=cfg["threads"])
+    cfg["load_average_1min"] = [load_before, os.getloadavg()[0]]
     rows = summarise(per_rank, cfg)
     table = markdown(rows, cfg)
     print(table)

@@ -15,7 +15,8 @@ destination rank, so one ``all_to_all_single`` sends every rank its contiguous r
 5. undo the regrouping, reverse all-to-all, and combine on the tokens' own rank.
 
 Every rank must call the layer, forward and backward, the same number of times in the same order
-(an empty batch is fine): the collectives pair up by call order.
+(an empty batch is fine), with inputs that agree on ``requires_grad``: the collectives pair up by
+call order, and the input's all-to-all runs backward only where the input needs a gradient.
 """
 
 from __future__ import annotations
@@ -87,18 +88,14 @@ class AllToAllDispatcher:
         send = perm.counts_E.view(W, L).sum(1).tolist()
         recv = recv_WL.sum(1).tolist()
 
-        x_ND = x_TD[perm.token_ids_N]
-        if torch.is_grad_enabled() and not x_ND.requires_grad:
-            # The backward all-to-all must run on every rank; a rank whose input needs no gradient
-            # would otherwise skip it and leave the others waiting.
-            x_ND = x_ND.detach().requires_grad_()
-        x_MD = all_to_all(x_ND, send, recv, self.group)
+        x_MD = all_to_all(x_TD[perm.token_ids_N], send, recv, self.group)
 
         # Step 4: received rows are ordered (source rank, local expert); experts need them expert-major.
         expert_M = torch.arange(L, device=recv_WL.device).repeat(W).repeat_interleave(recv_WL.reshape(-1))
         order_M = torch.argsort(expert_M, stable=True)
-        h_MD = experts(x_MD[order_M], recv_WL.sum(0).tolist())
-        h_MD = h_MD[torch.argsort(order_M)]
+        # index_select, not x[order]: its backward is an index_add, cheaper than advanced indexing's.
+        h_MD = experts(x_MD.index_select(0, order_M), recv_WL.sum(0).tolist())
+        h_MD = h_MD.index_select(0, torch.argsort(order_M))
 
         h_ND = all_to_all(h_MD, recv, send, self.group)
         return combine(h_ND, perm, weights_TK, x_TD.shape[0])
