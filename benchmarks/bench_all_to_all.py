@@ -1,8 +1,8 @@
 """All-to-all overhead of expert parallelism vs tokens per rank, on local CPU processes (gloo).
 
-Run: ``python benchmarks/bench_all_to_all.py [--world 2] [--tokens 64 256 1024 4096]``. Prints a
-Markdown table and writes ``benchmarks/results/all_to_all_<machine>_<torch>_<date>.json`` and
-``.md`` beside it.
+Run: ``python benchmarks/bench_all_to_all.py [--world 2] [--tokens 64 256 1024 4096] [--forward-only]``.
+Prints a Markdown table and writes ``benchmarks/results/all_to_all[_forward]_<machine>_<torch>_<date>.json``
+and ``.md`` beside it.
 
 For each number T of tokens per rank, every rank times, interleaved (see ``timing.py``):
 - ``local``: the single-device MoE layer with all E experts on its own T tokens (what a data-parallel
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if not args.no_save:
         tag = {**machine_tag("cpu"), "threads": cfg["threads"], "world": cfg["world"]}
-        path = results_path(args.out or Path(__file__).resolve().parent / "results", "all_to_all", tag)
+        stem = "all_to_all" if cfg["backward"] else "all_to_all_forward"
+        path = results_path(args.out or Path(__file__).resolve().parent / "results", stem, tag)
         write_json(path, {"tag": tag, "config": cfg, "rows": rows, "per_rank": per_rank})
         path.with_suffix(".md").write_text(table + "\n")
         print(f"\nresults: {path}")
