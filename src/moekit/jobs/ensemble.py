@@ -372,7 +372,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     resume_from = prepare_out_dir(out, dataclasses.asdict(cfg), resume=args.resume, force=args.force)
     job: dict[str, Any] = {"finished": {}, "current": None}
-    if resume_from is not None:
+    if resume_from is None:  # a fresh start: no output of an earlier run may survive next to the new ones
+        for pattern in ("predictions_*.npz", "reliability_*.png", "flops_vs_nll.png"):
+            for path in out.glob(pattern):
+                path.unlink()
+    else:
         state = load_checkpoint(resume_from)
         job = {"finished": state["finished"], "current": state.get("current"), "rng": state["rng"]}
         _log(args.quiet, f"resuming from {resume_from} ({len(job['finished'])} run(s) finished)")
