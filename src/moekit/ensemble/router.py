@@ -66,6 +66,16 @@ class PartitionedRouter(nn.Module):
             VMoERouter(dim, per_member, k, w_importance, w_load, noise_std, init_std, device=device, dtype=dtype)
             for _ in range(ensemble_size))
 
+    @property
+    def shards(self):
+        """The whole batch the members' balancing losses see (``moekit.shards``); set on every member."""
+        return self.members[0].shards
+
+    @shards.setter
+    def shards(self, value) -> None:
+        for router in self.members:
+            router.shards = value
+
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
         check_router_input(x_TD, mask_T, self.dim)
         M, P = self.ensemble_size, self.experts_per_member

@@ -28,6 +28,7 @@ from torch import nn
 
 from moekit.routing.base import check_router_args, check_router_input, finish_routing, register_router, token_weights
 from moekit.routing.losses import cv_squared, prob_in_top_k
+from moekit.shards import LOCAL_SHARDS
 from moekit.types import Routing
 
 
@@ -84,6 +85,8 @@ class VMoERouter(nn.Module):
         self.dim, self.num_experts, self.k = dim, num_experts, k
         self.w_importance, self.w_load, self.noise_std = w_importance, w_load, noise_std
         self.w_gate = nn.Parameter(torch.randn(dim, num_experts, device=device, dtype=dtype) * init_std)
+        # The whole batch the balancing losses see; moekit.parallel swaps it when tokens are sharded.
+        self.shards = LOCAL_SHARDS
 
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
         check_router_input(x_TD, mask_T, self.dim)
@@ -93,11 +96,11 @@ class VMoERouter(nn.Module):
         weight_T = token_weights(mask_T, x_TD)
         load_E = None
         if load_prob_TE is not None:
-            load_E = (load_prob_TE if weight_T is None else load_prob_TE * weight_T[:, None]).sum(0)
-        routing = finish_routing(indices_TK, gates_TK, self.num_experts, weight_T, load_E, {}, {})
+            load_E = self.shards.sum((load_prob_TE if weight_T is None else load_prob_TE * weight_T[:, None]).sum(0))
+        routing = finish_routing(indices_TK, gates_TK, self.num_experts, weight_T, load_E, {}, {}, self.shards.sum)
         # V-MoE's importance is over the whole clean softmax, not only the kept gates.
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        importance_E = (probs_TE if weight_T is None else probs_TE * weight_T[:, None]).sum(0)
+        importance_E = self.shards.sum((probs_TE if weight_T is None else probs_TE * weight_T[:, None]).sum(0))
         losses = {**routing.stats.losses, "importance": cv_squared(importance_E)}
         aux = self.w_importance * losses["importance"] + self.w_load * losses["load"]
         stats = routing.stats._replace(importance=importance_E, losses=losses)
