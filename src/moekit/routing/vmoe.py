@@ -32,15 +32,14 @@ from moekit.shards import LOCAL_SHARDS
 from moekit.types import Routing
 
 
-def vmoe_gates(logits_TE: torch.Tensor, k: int, noise_std: float | None,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def vmoe_gates(logits_TE: torch.Tensor, k: int,
+               noise_std: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Top-k of the (noisy) softmax, without renormalisation.
 
     Args:
         logits_TE: [T, E] clean router logits.
         k: experts per token.
         noise_std: std of the Gaussian noise added to the logits, or None for none.
-        generator: optional RNG for the noise (None: the global one).
     Returns:
         (indices [T, K], gates [T, K], load_prob [T, E] or None). ``load_prob`` is P(x, i) when noise
         was drawn and K < E.
@@ -49,8 +48,7 @@ def vmoe_gates(logits_TE: torch.Tensor, k: int, noise_std: float | None,
     if noise_std is None or noise_std == 0:
         gates_TK, indices_TK = torch.softmax(logits_TE, dim=-1).topk(k, dim=-1)
         return indices_TK, gates_TK, None
-    noise_TE = torch.randn(logits_TE.shape, generator=generator, device=logits_TE.device, dtype=logits_TE.dtype)
-    noisy_TE = logits_TE + noise_std * noise_TE
+    noisy_TE = logits_TE + noise_std * torch.randn_like(logits_TE)
     gates_TK, indices_TK = torch.softmax(noisy_TE, dim=-1).topk(k, dim=-1)
     load_prob_TE = None
     if k < num_experts:
