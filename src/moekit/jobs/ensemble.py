@@ -78,7 +78,7 @@ class EnsembleConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # All five models in about 15 minutes on one CPU thread.
+    # All five models in 5-15 minutes on one CPU thread (5 measured on a shared 2-core machine).
     "cpu-small": {},
     # The whole training set and a wider ViT (about ViT-Ti width), for a GPU.
     "gpu": {"steps": 6000, "finetune_steps": 1500, "batch_size": 256, "train_examples": None, "patch_size": 4,
@@ -92,7 +92,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated models to train and compare, from {', '.join(MODELS)} (default: all)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
-                        help="cpu-small: all models in about 15 minutes on one CPU thread; gpu: full data, "
+                        help="cpu-small: all models in 5-15 minutes on one CPU thread; gpu: full data, "
                              "wider ViT (default: cpu-small)")
     parser.add_argument("--data", metavar="FILE.npz",
                         help="image set with arrays x_train, y_train, x_test, y_test (optional x_ood) "
