@@ -40,6 +40,11 @@ JOBS: dict[str, Job] = {
         "moekit.bench",
         "runs/bench",
     ),
+    "ensemble": Job(
+        "dense ViT vs V-MoE vs E^3 vs deep ensemble: accuracy, calibration, OOD detection, FLOPs",
+        "moekit.jobs.ensemble",
+        "runs/ensemble",
+    ),
 }
 
 

@@ -47,6 +47,8 @@ class MoE(nn.Module):
         capacity_factor: None for dropless dispatch; otherwise each expert computes at most
             ``ceil(T*k*capacity_factor/E)`` slots and drops the rest (their output is 0).
         batch_prioritized: with a capacity, let the tokens with the highest gate claim places first.
+        capacity_multiple: round the capacity up to a multiple of this (V-MoE uses 4, which keeps
+            expert buffers aligned; 1 leaves the capacity as computed).
         w_importance, w_load: balancing-loss coefficients, passed to a router built by name.
         activation: "relu", "gelu", "silu" or "swiglu".
         router_kwargs: extra arguments for a router built by name (e.g. ``noise_epsilon``).
@@ -60,11 +62,13 @@ class MoE(nn.Module):
                  router: str | nn.Module = "noisy_topk", capacity_factor: float | None = None,
                  w_importance: float = 0.1, w_load: float = 0.1, activation: str = "relu",
                  batch_prioritized: bool = False, router_kwargs: dict | None = None,
-                 expert_backend: str = "auto", device=None, dtype=None):
+                 expert_backend: str = "auto", capacity_multiple: int = 1, device=None, dtype=None):
         super().__init__()
         hidden_dim = 4 * dim if hidden_dim is None else hidden_dim
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor={capacity_factor} must be > 0 (or None for dropless)")
+        if isinstance(capacity_multiple, bool) or not isinstance(capacity_multiple, int) or capacity_multiple < 1:
+            raise ValueError(f"capacity_multiple={capacity_multiple!r} must be an int >= 1")
         if isinstance(router, str):
             router = build_router(router, dim, num_experts, k, w_importance=w_importance, w_load=w_load,
                                   device=device, dtype=dtype, **(router_kwargs or {}))
@@ -74,6 +78,7 @@ class MoE(nn.Module):
             raise ValueError(f"router has num_experts={router.num_experts}, layer has {num_experts}")
         self.dim, self.num_experts, self.k = dim, num_experts, k
         self.capacity_factor, self.batch_prioritized = capacity_factor, batch_prioritized
+        self.capacity_multiple = capacity_multiple
         self.router = router
         self.experts = Experts(num_experts, dim, hidden_dim, activation, expert_backend, device=device, dtype=dtype)
         # Swapped for an all-to-all dispatcher by moekit.parallel; the layer itself stays single-device.
@@ -113,7 +118,8 @@ class MoE(nn.Module):
         """
         num_real = indices_TK.shape[0] if mask_T is None else mask_T.sum()
         num_real = int(self.shards.sum(torch.as_tensor(num_real, device=indices_TK.device)))
-        cap = expert_capacity(num_real, indices_TK.shape[1], self.capacity_factor, self.num_experts)
+        cap = expert_capacity(num_real, indices_TK.shape[1], self.capacity_factor, self.num_experts,
+                              self.capacity_multiple)
         all_indices_TK, start = self.shards.gather(indices_TK)
         # Only batch-prioritised routing reads the gates (it orders tokens by their top gate).
         if self.batch_prioritized:

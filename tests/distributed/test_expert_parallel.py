@@ -63,6 +63,7 @@ CASES = {
     "noisy-train-dropless": dict(router="noisy_topk", train=True, tokens={2: (4, 7)}),
     "noisy-train-capacity": dict(router="noisy_topk", train=True, cf=0.75, tokens={2: (6, 5), 4: (3, 5, 1, 4)}),
     "topk-capacity-bpr": dict(router="topk", train=True, cf=0.75, bpr=True, tokens={2: (7, 4)}),
+    "vmoe-train-capacity-bpr": dict(router="vmoe", train=True, cf=1.0, bpr=True, tokens={2: (5, 7)}),
     "empty-rank-capacity": dict(router="noisy_topk", train=True, cf=1.0, tokens={2: (6, 0), 4: (4, 0, 3, 2)}),
     "idle-experts": dict(router="noisy_topk", train=False, experts=8, tokens={2: (9, 1)}),
     "switch-masked": dict(router="switch", train=True, masked=True, tokens={2: (5, 6)}),
