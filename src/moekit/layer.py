@@ -49,6 +49,7 @@ class MoE(nn.Module):
         w_importance, w_load: balancing-loss coefficients, passed to a router built by name.
         activation: "relu", "gelu", "silu" or "swiglu".
         router_kwargs: extra arguments for a router built by name (e.g. ``noise_epsilon``).
+        expert_backend: "auto", "loop", "bmm" or "grouped_mm" (see ``moekit.experts.Experts``).
 
     Shapes: ``x`` [..., D], ``mask`` [...] bool (True = real token) -> ``MoEOutput(y [..., D], aux_loss [],
     stats)``. Padding tokens are ignored by routing, losses and stats, and their output is 0.
@@ -58,7 +59,7 @@ class MoE(nn.Module):
                  router: str | nn.Module = "noisy_topk", capacity_factor: float | None = None,
                  w_importance: float = 0.1, w_load: float = 0.1, activation: str = "relu",
                  batch_prioritized: bool = False, router_kwargs: dict | None = None,
-                 device=None, dtype=None):
+                 expert_backend: str = "auto", device=None, dtype=None):
         super().__init__()
         hidden_dim = 4 * dim if hidden_dim is None else hidden_dim
         if capacity_factor is not None and capacity_factor <= 0:
@@ -73,7 +74,7 @@ class MoE(nn.Module):
         self.dim, self.num_experts, self.k = dim, num_experts, k
         self.capacity_factor, self.batch_prioritized = capacity_factor, batch_prioritized
         self.router = router
-        self.experts = Experts(num_experts, dim, hidden_dim, activation, device=device, dtype=dtype)
+        self.experts = Experts(num_experts, dim, hidden_dim, activation, expert_backend, device=device, dtype=dtype)
         # Swapped for an all-to-all dispatcher by moekit.parallel; the layer itself stays single-device.
         self.dispatcher = LocalDispatcher()
 
@@ -115,10 +116,12 @@ class HierarchicalMoE(MoE):
     def __init__(self, dim: int, num_groups: int, experts_per_group: int, k_primary: int = 2,
                  k_secondary: int = 2, hidden_dim: int | None = None, capacity_factor: float | None = None,
                  w_importance: float = 0.1, w_load: float = 0.1, noise_epsilon: float = 1e-2,
-                 activation: str = "relu", batch_prioritized: bool = False, device=None, dtype=None):
+                 activation: str = "relu", batch_prioritized: bool = False, expert_backend: str = "auto",
+                 device=None, dtype=None):
         router = HierarchicalRouter(dim, num_groups, experts_per_group, k_primary, k_secondary,
                                     noise_epsilon, w_importance, w_load, device=device, dtype=dtype)
         super().__init__(dim, num_groups * experts_per_group, k_primary * k_secondary, hidden_dim,
                          router=router, capacity_factor=capacity_factor, activation=activation,
-                         batch_prioritized=batch_prioritized, device=device, dtype=dtype)
+                         batch_prioritized=batch_prioritized, expert_backend=expert_backend,
+                         device=device, dtype=dtype)
         self.num_groups, self.experts_per_group = num_groups, experts_per_group

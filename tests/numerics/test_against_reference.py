@@ -11,9 +11,12 @@ ROUTERS = ["noisy_topk", "topk", "switch", "batchwise"]
 DISPATCH = [(None, False), (0.75, False), (0.75, True)]
 
 
-def _make(router, cf, bpr, dtype, activation="relu", dim=7, num_experts=5, k=2, hidden=9):
+BACKENDS = ["loop", "bmm"]
+
+
+def _make(router, cf, bpr, dtype, activation="relu", dim=7, num_experts=5, k=2, hidden=9, backend="auto"):
     moe = moekit.MoE(dim, num_experts, k=k, hidden_dim=hidden, router=router, capacity_factor=cf,
-                     batch_prioritized=bpr, activation=activation, dtype=dtype)
+                     batch_prioritized=bpr, activation=activation, expert_backend=backend, dtype=dtype)
     with torch.no_grad():  # give the zero-initialised noisy gate a signal so routing is not all ties
         for name, p in moe.router.named_parameters():
             if name.startswith("w_"):
@@ -52,11 +55,12 @@ def _assert_same(moe, x, mask, seed=0):
     return fast
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cf,bpr", DISPATCH)
 @pytest.mark.parametrize("router", ROUTERS)
-def test_fast_path_matches_reference(router, cf, bpr, dtype):
-    moe = _make(router, cf, bpr, dtype).train()
+def test_fast_path_matches_reference(router, cf, bpr, dtype, backend):
+    moe = _make(router, cf, bpr, dtype, backend=backend).train()
     x = torch.randn(3, 5, 7, dtype=dtype, requires_grad=True)  # 3-D input, odd sizes
     out = _assert_same(moe, x, None)
     assert out.y.shape == x.shape and out.y.dtype == dtype
@@ -64,10 +68,11 @@ def test_fast_path_matches_reference(router, cf, bpr, dtype):
         assert out.stats.dropped > 0  # cf < 1 must actually drop something, or this tests nothing
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cf,bpr", DISPATCH)
 @pytest.mark.parametrize("router", ROUTERS)
-def test_fast_path_matches_reference_with_mask_in_eval(router, cf, bpr):
-    moe = _make(router, cf, bpr, torch.float64).eval()
+def test_fast_path_matches_reference_with_mask_in_eval(router, cf, bpr, backend):
+    moe = _make(router, cf, bpr, torch.float64, backend=backend).eval()
     x = torch.randn(2, 6, 7, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, 4:] = False
@@ -76,16 +81,19 @@ def test_fast_path_matches_reference_with_mask_in_eval(router, cf, bpr):
     assert (out.y[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["gelu", "silu", "swiglu"])
-def test_activations_match_reference(activation):
-    moe = _make("noisy_topk", None, False, torch.float64, activation=activation).train()
+def test_activations_match_reference(activation, backend):
+    moe = _make("noisy_topk", None, False, torch.float64, activation=activation, backend=backend).train()
     if activation == "swiglu":
         assert moe.experts.w3.shape == (5, 7, 9)
     _assert_same(moe, torch.randn(11, 7, dtype=torch.float64, requires_grad=True), None)
 
 
-def test_hierarchical_matches_reference():
-    moe = moekit.HierarchicalMoE(6, num_groups=3, experts_per_group=4, hidden_dim=5, dtype=torch.float64)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hierarchical_matches_reference(backend):
+    moe = moekit.HierarchicalMoE(6, num_groups=3, experts_per_group=4, hidden_dim=5, dtype=torch.float64,
+                                 expert_backend=backend)
     with torch.no_grad():
         for p in moe.router.parameters():
             p.normal_(0, 0.5)
@@ -113,3 +121,27 @@ def test_single_expert_equals_dense_ffn():
     gx_dense, gw_dense = torch.autograd.grad(dense.square().sum(), [x, fc1.weight])
     torch.testing.assert_close(gx_moe, gx_dense)
     torch.testing.assert_close(gw_moe[0], gw_dense.t())
+
+
+def test_grouped_mm_backend_matches_reference_on_cpu():
+    # torch's grouped GEMM runs on CPU in float32 when rows are 16-byte aligned (dims multiple of 4).
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("this torch has no torch.nn.functional.grouped_mm")
+    moe = _make("noisy_topk", None, False, torch.float32, dim=8, hidden=12, backend="grouped_mm").train()
+    _assert_same(moe, torch.randn(13, 8, requires_grad=True), None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_auto_backend_matches_reference_in_bfloat16():
+    from moekit.experts import resolve_backend
+
+    moe = moekit.MoE(64, 8, 2, 128, device="cuda", dtype=torch.bfloat16).train()
+    x = torch.randn(96, 64, device="cuda", dtype=torch.bfloat16)
+    counts = [12] * 8
+    expected = "grouped_mm" if torch.cuda.get_device_capability() >= (9, 0) else "bmm"
+    assert resolve_backend("auto", x, counts) == expected
+    torch.manual_seed(0)
+    fast = moe(x).y
+    torch.manual_seed(0)
+    ref = reference_moe(moe, x).y
+    torch.testing.assert_close(fast.float(), ref.float(), rtol=2e-2, atol=2e-2)
