@@ -35,6 +35,11 @@ JOBS: dict[str, Job] = {
         "moekit.demo",
         "runs/demo",
     ),
+    "lm": Job(
+        "the LSTM-MoE language model of Shazeer et al. 2017 vs compute-matched dense models",
+        "moekit.jobs.lm",
+        "runs/lm",
+    ),
 }
 
 

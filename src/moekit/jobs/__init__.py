@@ -1,0 +1,1 @@
+"""Command-line jobs that are more than a page of glue: each module provides ``add_args`` and ``run``."""
