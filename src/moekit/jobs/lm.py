@@ -277,6 +277,27 @@ def execute(cfg: LMJobConfig, out: Path, device: torch.device, *, resume: bool, 
     return lm_report.write_outputs(out, cfg, data, run.results, run.raw, device)
 
 
+def demo_comparison(demo_cfg: Any, out: Path, device: torch.device, *, resume: bool, quiet: bool) -> dict[str, Any]:
+    """``moekit demo``'s short version of the comparison: lstm-4x vs moe-32 at half the demo's width.
+
+    It takes the demo's data, vocabulary, batches, steps and schedule (``demo_cfg`` is a
+    ``DemoConfig``), runs in its own out directory inside the demo's, and prints its table. The
+    demo's own out-directory check has already passed, so this one may start over (``force``).
+    """
+    d = demo_cfg
+    cfg = LMJobConfig(models=("lstm-4x", "moe-32"), ablation=False, preset="demo", dim=max(4, d.dim // 2), k=4,
+                      dropout=0.0, vocab_size=d.vocab_size, steps=d.steps, batch_size=d.batch_size,
+                      seq_len=d.seq_len, lr=d.lr, warmup=max(1, d.steps // 20), clip=1.0, w_importance=0.1,
+                      w_load=0.1, eval_every=d.eval_every, eval_tokens=d.eval_tokens,
+                      checkpoint_every=d.checkpoint_every, seed=d.seed, data=d.data)
+    _log(quiet, f"comparison: lstm-4x vs moe-32 at width {cfg.dim}, {cfg.steps} steps each")
+    metrics = execute(cfg, out, device, resume=resume, force=True, quiet=quiet)
+    print(lm_report.short_table(metrics["models"]))
+    for line in lm_report.findings(metrics["models"], ablation=False):
+        print(line)
+    return metrics
+
+
 def _log(quiet: bool, msg: str) -> None:
     if not quiet:
         print(msg, file=sys.stderr)

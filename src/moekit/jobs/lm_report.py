@@ -81,6 +81,14 @@ def summary_table(models: Sequence[dict[str, Any]], ablation: bool) -> str:
     return "\n".join(rows)
 
 
+def short_table(models: Sequence[dict[str, Any]]) -> str:
+    """Model, ops per timestep, parameters and perplexities, without the paper's columns."""
+    rows = ["| model | ops/timestep | params | valid PPL | test PPL |", "|---|---:|---:|---:|---:|"]
+    rows += [f"| {m['name']} | {_count(m['ops_per_timestep'])} | {_count(m['params'])} | {m['valid_ppl']:.2f} "
+             f"| {m['test_ppl']:.2f} |" for m in models]
+    return "\n".join(rows)
+
+
 def findings(models: Sequence[dict[str, Any]], ablation: bool) -> list[str]:
     """The paper's claims checked against this run, one sentence each."""
     lines = []
