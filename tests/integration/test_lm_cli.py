@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from moekit.cli import main
+from moekit.cli import build_parser, main
+from moekit.jobs.lm import PRESETS, command_line, config_from_args
 from moekit.jobs.lm_report import PAPER_TABLE6
 from moekit.models.lstm_lm import LSTMLM, MODEL_NAMES
 
@@ -60,7 +61,8 @@ def test_every_model_end_to_end(all_models, capsys):
         assert RESULT_KEYS <= r.keys()
         assert 1 < r["test_ppl"] < 50 and 1 < r["valid_ppl"] < 50  # uniform over the 53 tokens would be 53
         assert r["steps"] == 4 and r["history"]["valid_step"] == [2, 4]
-        assert (r["cv_load"] is None) == (r["model"] in ("lstm-4x", "moe-1-wide", "moe-1-deep"))
+        dense = r["model"] in ("lstm-4x", "moe-1-wide", "moe-1-deep")
+        assert (r["cv_load"] is None) == (r["train_cv_load"] is None) == dense
     by_name = {r["name"]: r for r in m["models"]}
     assert by_name["moe-32"]["experts"] == 32 and by_name["moe-32"]["k"] == 4
     assert by_name["moe-256-h"]["experts"] == 256 and by_name["lstm-4x"]["experts"] is None
@@ -103,7 +105,8 @@ def _same_results(a, b):
     ra, rb = _metrics(a)["models"], _metrics(b)["models"]
     assert len(ra) == len(rb)
     for x, y in zip(ra, rb, strict=True):
-        x.pop("train_time_s"), y.pop("train_time_s")
+        for key in ("train_time_s", "eval_time_s"):
+            x.pop(key), y.pop(key)
         assert x == y
 
 
@@ -163,8 +166,11 @@ def test_ablation_runs_the_table_6_grid(tmp_path, text_file):
     assert m["ablation"] is True
     assert [(r["w_importance"], r["w_load"]) for r in m["models"]] == list(PAPER_TABLE6)
     assert {r["model"] for r in m["models"]} == {"moe-8"}
+    assert all(r["train_cv_importance"] >= 0 and r["train_max_mean_load"] >= 1 for r in m["models"])
     report = (out / "report.md").read_text()
-    assert "17.80" in report and "| moe-8 | 0 | 0 |" in report
+    assert "17.80" in report and "| moe-8 | 0 | 0 |" in report and "CV(load) train" in report
+    assert m["command"].startswith(f"moekit lm --preset cpu-small --models moe-8 --ablation --data {text_file} ")
+    assert " --steps 2 " in m["command"] and f"`{m['command']}`" in report
 
 
 @pytest.mark.parametrize("content, message", [(b"", "empty"), (b"\x00\x01\x02" * 50, "binary"),
@@ -198,3 +204,12 @@ def test_default_corpus_is_the_kjv_split_by_book(tmp_path):
     assert m["data"].startswith("kjv") and m["vocab_size"] == 300
     assert "Esther" in m["split"] and "Ruth" in m["split"]
     assert m["tokens"]["train"] > 20 * m["tokens"]["test"] > 0
+
+
+@pytest.mark.parametrize("argv", [["--preset", "paper"], ["--ablation", "--steps", "7", "--lr", "0.01"],
+                                  ["--models", "moe-4,lstm-4x", "--seed", "3", "--dim", "32", "--w-load", "0"]])
+def test_the_reported_command_reproduces_the_configuration(argv):
+    cfg = config_from_args(build_parser().parse_args(["lm", *argv]))
+    again = config_from_args(build_parser().parse_args(command_line(cfg).split()[1:]))
+    assert again == cfg
+    assert cfg.dim == (32 if "--dim" in argv else PRESETS[cfg.preset]["dim"])

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,7 +28,14 @@ import torch
 from moekit.data import KJV_SPLIT, Vocab, kjv_corpus, text_file_corpus
 from moekit.demo import resolve_device
 from moekit.jobs import lm_report
-from moekit.jobs.lm_train import TrainConfig, balance_metrics, evaluate, new_progress, train_model
+from moekit.jobs.lm_train import (
+    TrainConfig,
+    balance_metrics,
+    evaluate,
+    new_progress,
+    train_balance,
+    train_model,
+)
 from moekit.models.lstm_lm import LSTMLM, MODEL_NAMES, LSTMLMConfig, body_params, ops_per_timestep, parse_model
 from moekit.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from moekit.train.outdir import ConfigError, OutDirError, checkpoint_path, prepare_out_dir, prune_checkpoints
@@ -115,8 +123,8 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "lr": (float, "Adam's peak learning rate"),
     "warmup": (int, "linear warm-up steps, then 1/sqrt(step) decay"),
     "clip": (float, "gradient-norm clipping threshold"),
-    "w_importance": (float, "coefficient of the importance loss"),
-    "w_load": (float, "coefficient of the load loss"),
+    "w_importance": (float, "coefficient of the importance loss (--ablation varies it)"),
+    "w_load": (float, "coefficient of the load loss (--ablation varies it)"),
     "eval_every": (int, "validate every this many steps"),
     "eval_tokens": (int, "validation tokens per evaluation during training (the final one uses all)"),
     "checkpoint_every": (int, "checkpoint every this many steps"),
@@ -133,6 +141,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablation", action="store_true",
                         help="train the models once per (w_importance, w_load) of the paper's Table 6")
     parser.add_argument("--data", metavar="FILE", help="UTF-8 text file to use instead of the King James Bible")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads (default: torch's choice); not part of the run's configuration")
     for name, (kind, text) in _OPTIONS.items():
         default = _FIXED_DEFAULTS.get(name)
         shown = f"default: {default}" if default is not None else "default: from --preset"
@@ -245,16 +255,20 @@ class _Run:
         desc = f"{trial.label} [{index + 1}/{len(self.trials)}]"
         train_model(model, opt, progress, cfg.train_config(), data.train, data.valid, self.device,
                     lambda: self._save(index, progress["step"], model, opt, progress), desc, self.quiet)
+        t0 = time.perf_counter()
         valid = evaluate(model, data.valid, cfg.batch_size, cfg.seq_len, self.device)
         test = evaluate(model, data.test, cfg.batch_size, cfg.seq_len, self.device)
+        eval_time_s = time.perf_counter() - t0
         spec = parse_model(trial.model)
         self.results.append({
             "name": trial.label, "model": trial.model,
             "experts": spec.experts or None, "k": None if spec.kind == "lstm" else (1 if spec.experts == 1 else cfg.k),
             "ops_per_timestep": ops_per_timestep(mcfg), "params": body_params(model),
             "test_ppl": test.ppl, "valid_ppl": valid.ppl, **balance_metrics(test),
+            **train_balance(progress["history"]),
             "w_importance": trial.w_importance, "w_load": trial.w_load,
-            "steps": progress["step"], "train_time_s": progress["elapsed_s"], "history": progress["history"],
+            "steps": progress["step"], "train_time_s": progress["elapsed_s"],
+            "eval_time_s": eval_time_s, "history": progress["history"],
         })
         self.raw[trial.label] = {"test_nll": test.nll_N, "valid_nll": valid.nll_N}
         _log(self.quiet, f"{trial.label}: validation perplexity {valid.ppl:.2f}, test perplexity {test.ppl:.2f}")
@@ -274,7 +288,22 @@ def execute(cfg: LMJobConfig, out: Path, device: torch.device, *, resume: bool, 
         run.restore(resume_from)
     for index in range(len(run.results), len(run.trials)):
         run.run_trial(index)
-    return lm_report.write_outputs(out, cfg, data, run.results, run.raw, device)
+    return lm_report.write_outputs(out, cfg, data, run.results, run.raw, device, command_line(cfg))
+
+
+def command_line(cfg: LMJobConfig) -> str | None:
+    """The ``moekit lm`` command that reproduces ``cfg`` (None for a configuration no preset starts from)."""
+    if cfg.preset not in PRESETS:
+        return None
+    defaults = {**_FIXED_DEFAULTS, **PRESETS[cfg.preset]}
+    words = ["moekit", "lm", "--preset", cfg.preset, "--models", ",".join(cfg.models)]
+    words += ["--ablation"] if cfg.ablation else []
+    words += ["--seed", str(cfg.seed)] if cfg.seed else []
+    words += ["--data", cfg.data] if cfg.data else []
+    for name in _OPTIONS:
+        if getattr(cfg, name) != defaults[name]:
+            words += [f"--{name.replace('_', '-')}", f"{getattr(cfg, name):g}"]
+    return " ".join(words)
 
 
 def demo_comparison(demo_cfg: Any, out: Path, device: torch.device, *, resume: bool, quiet: bool) -> dict[str, Any]:
@@ -306,6 +335,10 @@ def _log(quiet: bool, msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """The lm job: train (or resume) every model, evaluate, write the out directory, print the table."""
     cfg = config_from_args(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"threads={args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
     metrics = execute(cfg, Path(args.out), resolve_device(args.device), resume=args.resume, force=args.force,
                       quiet=args.quiet)
     print(lm_report.summary_table(metrics["models"], cfg.ablation))

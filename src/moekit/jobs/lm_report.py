@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
 
 import moekit
 from moekit.train import plots
@@ -58,12 +59,15 @@ def _count(n: int | None) -> str:
 def summary_table(models: Sequence[dict[str, Any]], ablation: bool) -> str:
     """The results table, each row beside the paper's figures for the same model or setting."""
     if ablation:
-        rows = ["| model | w_importance | w_load | test PPL | CV(importance) | CV(load) | max/mean load "
+        rows = ["| model | w_importance | w_load | test PPL | CV(imp.) train | CV(load) train | max/mean train "
+                "| CV(imp.) test | CV(load) test | max/mean test "
                 "| paper PPL | paper CV(imp.) | paper CV(load) | paper max/mean |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for m in models:
             paper = PAPER_TABLE6.get((m["w_importance"], m["w_load"]))
-            ours = [_fmt(m["test_ppl"]), _fmt(m["cv_importance"]), _fmt(m["cv_load"]), _fmt(m["max_mean_load"])]
+            keys = ("train_cv_importance", "train_cv_load", "train_max_mean_load", "cv_importance", "cv_load",
+                    "max_mean_load")
+            ours = [_fmt(m["test_ppl"])] + [_fmt(m.get(key)) for key in keys]
             theirs = ["–"] * 4 if paper is None else [f"{v:.2f}" for v in paper]
             rows.append(f"| {m['model']} | {m['w_importance']:g} | {m['w_load']:g} | " + " | ".join(ours + theirs)
                         + " |")
@@ -96,11 +100,17 @@ def findings(models: Sequence[dict[str, Any]], ablation: bool) -> list[str]:
         by_w = {(m["model"], m["w_importance"], m["w_load"]): m for m in models}
         for name in dict.fromkeys(m["model"] for m in models):
             none, both = by_w.get((name, 0.0, 0.0)), by_w.get((name, 0.1, 0.1))
-            if none and both and none["cv_load"] is not None and both["cv_load"]:
-                lines.append(f"{name}: without balancing losses CV(load) = {none['cv_load']:.2f} and max/mean load = "
-                             f"{none['max_mean_load']:.2f}; with w = 0.1 each, {both['cv_load']:.2f} and "
-                             f"{both['max_mean_load']:.2f} ({none['cv_load'] / both['cv_load']:.1f}x the CV); "
-                             f"test perplexity {none['test_ppl']:.2f} vs {both['test_ppl']:.2f}.")
+            if not (none and both):
+                continue
+            for where, prefix in (("training batches", "train_"), ("the test pass", "")):
+                a, b = none.get(f"{prefix}cv_load"), both.get(f"{prefix}cv_load")
+                if a is None or not b:
+                    continue
+                lines.append(f"{name}, on {where}: without balancing losses CV(load) = {a:.2f} and max/mean load = "
+                             f"{none[f'{prefix}max_mean_load']:.2f}; with w = 0.1 each, {b:.2f} and "
+                             f"{both[f'{prefix}max_mean_load']:.2f} ({a / b:.1f}x the CV).")
+            lines.append(f"{name}: test perplexity {none['test_ppl']:.2f} without balancing losses, "
+                         f"{both['test_ppl']:.2f} with w = 0.1 each.")
         return lines
     dense = [m for m in models if m["model"] in DENSE_MODELS]
     if not dense:
@@ -133,6 +143,8 @@ def plot_valid_curves(path: Path, models: Sequence[dict[str, Any]]) -> None:
         ax.plot(h["valid_step"], h["valid_ppl"], marker="o" if dense else "s", markersize=3,
                 linestyle="--" if dense else "-", label=m["name"])
     ax.set_yscale("log")
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(FormatStrFormatter("%g"))  # plain numbers, not 9x10^1, on the log axis
     ax.set_xlabel("training step")
     ax.set_ylabel("validation perplexity")
     ax.set_title("validation perplexity during training (dashed: dense)")
@@ -180,7 +192,7 @@ def plot_load_distribution(path: Path, models: Sequence[dict[str, Any]]) -> None
     ax.axhline(1.0, color="black", linestyle=":", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("expert rank / number of experts (most loaded first)")
-    ax.set_ylabel("load / mean load")
+    ax.set_ylabel("load / mean load (0 drawn at 0.001)")
     ax.set_title("per-expert load on the test pass")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
@@ -197,7 +209,8 @@ def _data_lines(data, metrics: dict[str, Any]) -> list[str]:
 
 def _setup_lines(cfg, metrics: dict[str, Any]) -> list[str]:
     env = metrics["environment"]
-    total = sum(m["train_time_s"] for m in metrics["models"])
+    total = sum(m["train_time_s"] + m["eval_time_s"] for m in metrics["models"])
+    slowest = max(metrics["models"], key=lambda m: m["train_time_s"])
     return [f"- Models: width D = {cfg.dim}, expert hidden F = {2 * cfg.dim}, k = {cfg.k}, dropout {cfg.dropout}; "
             f"balancing losses w_importance = {cfg.w_importance:g}, w_load = {cfg.w_load:g}"
             + (" (varied below)" if cfg.ablation else "") + ".",
@@ -207,11 +220,16 @@ def _setup_lines(cfg, metrics: dict[str, Any]) -> list[str]:
             f"peak lr {cfg.lr:g} after {cfg.warmup} warm-up steps, then 1/sqrt(step); gradient clipping at "
             f"{cfg.clip:g}; seed {cfg.seed}.",
             f"- Ran on {env['device']} ({env['torch_threads']} torch thread(s)), torch {env['torch']}: "
-            f"{total / 60:.1f} min of training in all.",
+            f"{total / 60:.1f} min in all, training and evaluation (slowest model: {slowest['name']}, "
+            f"{slowest['train_time_s'] / 60:.1f} min of training).",
             "- Perplexities are over every validation/test token, in windows of the training length, each "
             "starting from a zero LSTM state. CV and max/mean load are over the whole test pass in eval mode "
-            "(load = the hard count of tokens routed to each expert). Ops per timestep are multiply-adds "
-            "without embedding and softmax (the paper's convention), checked against torch's FlopCounterMode.",
+            "(load = the hard count of tokens routed to each expert), except in \"train\" columns: there they "
+            "are the batch-level values the balancing losses see (smooth load estimate), averaged over the last "
+            "10% of the steps.",
+            "- Ops per timestep are multiply-adds without embedding and softmax (the paper's convention); the "
+            "formula (`moekit.models.lstm_lm.ops_per_timestep`) is checked against torch's FlopCounterMode in "
+            "the tests.",
             "- The paper trained on 1B words for 10 epochs; only the shape of its results is comparable here."]
 
 
@@ -219,7 +237,8 @@ def write_report(out: Path, cfg, data, metrics: dict[str, Any]) -> None:
     models = metrics["models"]
     title = ("Balancing-loss ablation (Table 6)" if cfg.ablation
              else "LSTM-MoE vs compute-matched dense models (Table 7)")
-    lines = [f"# moekit lm: {title}", "", *_data_lines(data, metrics), *_setup_lines(cfg, metrics), "",
+    command = [f"- Command: `{metrics['command']}`"] if metrics["command"] else []
+    lines = [f"# moekit lm: {title}", "", *command, *_data_lines(data, metrics), *_setup_lines(cfg, metrics), "",
              summary_table(models, cfg.ablation), "", "## Findings", ""]
     lines += [f"- {line}" for line in findings(models, cfg.ablation)] or ["- (no comparison possible)"]
     lines += ["", "## Plots", "", "![validation perplexity](valid_ppl.png)", ""]
@@ -230,10 +249,11 @@ def write_report(out: Path, cfg, data, metrics: dict[str, Any]) -> None:
 
 
 def write_outputs(out: Path, cfg, data, results: list[dict[str, Any]], raw: dict[str, dict[str, torch.Tensor]],
-                  device: torch.device) -> dict[str, Any]:
+                  device: torch.device, command: str | None = None) -> dict[str, Any]:
     """Write raw losses, plots, report.md and metrics.json (last: its presence marks a finished run)."""
     metrics = {
         "models": results,
+        "command": command,
         "ablation": cfg.ablation,
         "data": data.source,
         "split": data.split,

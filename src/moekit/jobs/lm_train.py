@@ -132,6 +132,27 @@ def balance_metrics(ev: EvalResult) -> dict[str, Any]:
     }
 
 
+def batch_balance(stats) -> list[float]:
+    """[CV(importance), CV(load), max/mean load] of one training batch, as its balancing losses see it.
+
+    In training the load is the smooth estimate of eq. 10 (the paper's Table 6 reports these
+    batch-level quantities).
+    """
+    load_E = stats.load.detach().float()
+    max_mean = (load_E.max() / load_E.mean()).item() if load_E.sum() > 0 else math.nan
+    return [math.sqrt(stats.losses["importance"].item()), math.sqrt(stats.losses["load"].item()), max_mean]
+
+
+def train_balance(history: dict[str, Any], last_fraction: float = 0.1) -> dict[str, float | None]:
+    """``batch_balance`` averaged over the last ``last_fraction`` of the training steps."""
+    rows = history.get("train_balance")
+    if not rows:
+        return {"train_cv_importance": None, "train_cv_load": None, "train_max_mean_load": None}
+    tail = rows[-max(1, int(len(rows) * last_fraction)):]
+    means = [sum(col) / len(col) for col in zip(*tail, strict=True)]
+    return dict(zip(("train_cv_importance", "train_cv_load", "train_max_mean_load"), means, strict=True))
+
+
 def train_model(
     model: LSTMLM, opt: torch.optim.Optimizer, progress: dict[str, Any], tc: TrainConfig,
     train_ids: torch.Tensor, valid_ids: torch.Tensor, device: torch.device,
@@ -164,13 +185,15 @@ def train_model(
             opt.step()
             loss = ce.item()
             progress["step"], session_steps = step, session_steps + 1
-            progress["elapsed_s"] += time.perf_counter() - t0
             hist["train_step"].append(step)
             hist["train_loss"].append(loss)
+            if out.stats is not None:
+                hist.setdefault("train_balance", []).append(batch_balance(out.stats))
             if step % tc.eval_every == 0 or step == tc.steps:
                 ev = evaluate(model, valid_ids, tc.batch_size, tc.seq_len, device, tc.eval_tokens)
                 hist["valid_step"].append(step)
                 hist["valid_ppl"].append(ev.ppl)
+            progress["elapsed_s"] += time.perf_counter() - t0  # wall time, the validations included
             if step % tc.checkpoint_every == 0 or step == tc.steps or stop.requested:
                 save()
             rate = session_steps * tc.batch_size * tc.seq_len / (time.perf_counter() - session_start)
