@@ -133,8 +133,8 @@ def _figure(path: Path, fig: Figure) -> None:
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
-def plot_valid_curves(path: Path, models: Sequence[dict[str, Any]]) -> None:
-    """Validation perplexity (on the evaluation prefix) against training step, one line per model."""
+def plot_valid_curves(path: Path, models: Sequence[dict[str, Any]], eval_tokens: int) -> None:
+    """Validation perplexity (on the first ``eval_tokens``) against training step, one line per model."""
     fig = Figure(figsize=(7.0, 4.2))
     ax = fig.add_subplot()
     for m in models:
@@ -146,7 +146,7 @@ def plot_valid_curves(path: Path, models: Sequence[dict[str, Any]]) -> None:
     for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
         axis(FormatStrFormatter("%g"))  # plain numbers, not 9x10^1, on the log axis
     ax.set_xlabel("training step")
-    ax.set_ylabel("validation perplexity")
+    ax.set_ylabel(f"validation perplexity (first {eval_tokens:,} tokens)")
     ax.set_title("validation perplexity during training (dashed: dense)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
@@ -270,7 +270,7 @@ def write_outputs(out: Path, cfg, data, results: list[dict[str, Any]], raw: dict
     for label, losses in raw.items():
         arrays.update({f"{label}__{name}": t.numpy() for name, t in losses.items()})
     atomic_write(out / "eval_nll.npz", lambda f: np.savez_compressed(f, **arrays))
-    plot_valid_curves(out / "valid_ppl.png", results)
+    plot_valid_curves(out / "valid_ppl.png", results, cfg.eval_tokens)
     if not cfg.ablation:
         plot_ppl_vs_experts(out / "ppl_vs_experts.png", results)
     plot_load_distribution(out / "expert_load.png", results)
