@@ -8,6 +8,7 @@ limit is a dense FFN applied to T*k tokens (the same active FLOPs); speedup(b) =
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -143,6 +144,7 @@ def markdown(rows: list[dict], scale: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moekit bench", description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, help="write raw results here (default: benchmarks/results/<tag>.json)")
+    p.add_argument("--markdown", type=Path, help="also write the table to this file")
     p.add_argument("--no-save", action="store_true", help="do not write a results file")
     p.add_argument("--quick", action="store_true", help="tiny shapes: checks the benchmark runs, measures nothing")
     p.add_argument("--threads", type=int, default=2)
@@ -161,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {case.name}: efficiency {rows[-1]['efficiency']:.2f}", file=sys.stderr, flush=True)
     scale = scaling(rows)
     tag = machine_tag(args.device)
-    print(markdown(rows, scale))
+    table = markdown(rows, scale)
+    print(table)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(f"{table}\n\n{json.dumps(tag)}\n")
     if not args.no_save:
         path = args.json or results_path(Path(__file__).resolve().parent / "results", "layer", tag)
         write_json(path, {"tag": tag, "rows": rows, "scaling": scale})

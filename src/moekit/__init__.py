@@ -1,6 +1,6 @@
 """moekit: sparse mixture-of-experts layers, models and tools for PyTorch."""
 
-from moekit import reference
+from moekit import ensemble, reference
 from moekit.experts import Experts
 from moekit.layer import HierarchicalMoE, MoE
 from moekit.routing import (
@@ -8,6 +8,7 @@ from moekit.routing import (
     NoisyTopKRouter,
     SwitchRouter,
     TopKRouter,
+    VMoERouter,
     build_router,
     register_router,
     routers,
@@ -29,8 +30,10 @@ __all__ = [
     "RoutingStats",
     "SwitchRouter",
     "TopKRouter",
+    "VMoERouter",
     "__version__",
     "build_router",
+    "ensemble",
     "reference",
     "register_router",
     "routers",

@@ -35,6 +35,16 @@ JOBS: dict[str, Job] = {
         "moekit.demo",
         "runs/demo",
     ),
+    "bench": Job(
+        "benchmark the MoE layer against the dense-FLOPs limit and baseline dispatchers",
+        "moekit.bench",
+        "runs/bench",
+    ),
+    "ensemble": Job(
+        "dense ViT vs V-MoE vs E^3 vs deep ensemble: accuracy, calibration, OOD detection, FLOPs",
+        "moekit.jobs.ensemble",
+        "runs/ensemble",
+    ),
     "lm": Job(
         "the LSTM-MoE language model of Shazeer et al. 2017 vs compute-matched dense models",
         "moekit.jobs.lm",
@@ -44,18 +54,19 @@ JOBS: dict[str, Job] = {
 
 
 def _device(name: str) -> str:
-    if name != "auto":
-        try:
-            torch.device(name)
-        except RuntimeError as e:
-            raise argparse.ArgumentTypeError(f"unknown device {name!r}") from e
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"unknown device {name!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {name!r}: CUDA is not available in this torch build or machine")
     return name
 
 
 def _add_common(parser: argparse.ArgumentParser, default_out: str) -> None:
-    parser.add_argument(
-        "--out", default=default_out, metavar="DIR", help=f"output directory (default: {default_out})"
-    )
+    parser.add_argument("--out", default=default_out, metavar="DIR", help=f"output directory (default: {default_out})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or status messages")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")

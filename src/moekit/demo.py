@@ -157,28 +157,37 @@ class EvalResult(NamedTuple):
     load: list[float]
     counts: list[int]
     dropped: int
+    expert_indices: torch.Tensor  # [N, K], the routing of each token (-1 = empty slot)
+    expert_weights: torch.Tensor  # [N, K], its combine weights
+
+
+def _sum(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value.cpu() if total is None else total + value.cpu()
 
 
 @torch.no_grad()
 def evaluate(model: DemoLM, batches, device: torch.device) -> EvalResult:
-    """Per-token cross-entropy and routing statistics summed over ``batches`` (eval mode)."""
+    """Per-token cross-entropy and routing, with the MoE's statistics summed over ``batches``.
+
+    Runs in eval mode, where routing is deterministic, so the routing recorded per token (by a
+    second call of the router on the same inputs) is the one the statistics were computed from.
+    """
     was_training = model.training
     model.eval()
-    nll, targets = [], []
+    nll, targets, indices, weights = [], [], [], []
     importance = load = counts = None
     dropped = 0
     for x_BS, y_BS in batches:
-        logits_BSV, _, stats = model(x_BS.to(device))
-        nll.append(
-            F.cross_entropy(
-                logits_BSV.flatten(0, 1).float(), y_BS.to(device).flatten(), reduction="none"
-            ).cpu()
-        )
-        targets.append(y_BS.flatten())
-        imp, ld, cnt = stats.importance.float().cpu(), stats.load.float().cpu(), stats.counts.cpu()
-        importance = imp if importance is None else importance + imp
-        load = ld if load is None else load + ld
-        counts = cnt if counts is None else counts + cnt
+        x_BS, y_BS = x_BS.to(device), y_BS.to(device)
+        logits_BSV, _, stats = model(x_BS)
+        nll.append(F.cross_entropy(logits_BSV.flatten(0, 1).float(), y_BS.flatten(), reduction="none").cpu())
+        targets.append(y_BS.flatten().cpu())
+        routing = model.moe.router(model.embed(x_BS).flatten(0, 1))
+        indices.append(routing.indices.cpu())
+        weights.append(routing.weights.float().cpu())
+        importance = _sum(importance, stats.importance.float())
+        load = _sum(load, stats.load.float())
+        counts = _sum(counts, stats.counts)
         dropped += int(stats.dropped)
     model.train(was_training)
     nll_N = torch.cat(nll)
@@ -192,6 +201,8 @@ def evaluate(model: DemoLM, batches, device: torch.device) -> EvalResult:
         load.tolist(),
         counts.tolist(),
         dropped,
+        torch.cat(indices),
+        torch.cat(weights),
     )
 
 
@@ -249,6 +260,18 @@ def _restore(path: Path, model: DemoLM, opt: torch.optim.Optimizer, vocab: Vocab
     return {"step": ckpt["step"], "elapsed_s": ckpt["elapsed_s"], "history": ckpt["history"]}
 
 
+def _train_step(
+    model: DemoLM, opt: torch.optim.Optimizer, x_BS: torch.Tensor, y_BS: torch.Tensor, device: torch.device
+) -> float:
+    """One Adam step on cross-entropy + the MoE balancing loss; returns the cross-entropy."""
+    logits_BSV, aux_loss, _ = model(x_BS.to(device))
+    ce = F.cross_entropy(logits_BSV.flatten(0, 1).float(), y_BS.to(device).flatten())
+    opt.zero_grad(set_to_none=True)
+    (ce + aux_loss).backward()
+    opt.step()
+    return ce.item()
+
+
 def train(
     model: DemoLM,
     opt: torch.optim.Optimizer,
@@ -278,17 +301,12 @@ def train(
     with _StopRequest() as stop, bar:
         while state["step"] < cfg.steps:
             t0 = time.perf_counter()
-            x_BS, y_BS = next(batches)
-            logits_BSV, aux_loss, _ = model(x_BS.to(device))
-            ce = F.cross_entropy(logits_BSV.flatten(0, 1).float(), y_BS.to(device).flatten())
-            opt.zero_grad(set_to_none=True)
-            (ce + aux_loss).backward()
-            opt.step()
+            ce = _train_step(model, opt, *next(batches), device)
             state["step"] += 1
             state["elapsed_s"] += time.perf_counter() - t0
             step, session_steps = state["step"], session_steps + 1
             hist["train_step"].append(step)
-            hist["train_loss"].append(ce.item())
+            hist["train_loss"].append(ce)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 batches_v = eval_batches(valid_ids, cfg.batch_size, cfg.seq_len, cfg.eval_tokens)
                 hist["valid_step"].append(step)
@@ -296,7 +314,7 @@ def train(
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
                 _checkpoint(out, model, opt, state, vocab)
             rate = session_steps * tokens_per_step / (time.perf_counter() - session_start)
-            bar.set_postfix(loss=f"{ce.item():.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            bar.set_postfix(loss=f"{ce:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
             if stop.requested:
                 raise KeyboardInterrupt(f"stopped after step {step}; checkpoint saved")
@@ -370,8 +388,9 @@ max/mean load = {ex["max_over_mean_load"]:.3f}, dropped token-slots = {ex["dropp
 ## Files
 
 `config.json` (this configuration), `metrics.json` (all numbers above, loss history),
-`eval_tokens.npz` (per-token targets and cross-entropy of both evaluations, from which the
-perplexities can be recomputed), `vocab.json`, `checkpoints/` (the last training state).
+`eval_tokens.npz` (per-token targets and cross-entropy of both evaluations, and each
+validation token's experts and gate weights: the perplexities and expert table can be recomputed
+from it), `vocab.json`, `checkpoints/` (the last training state).
 
 ## Configuration
 
@@ -418,6 +437,8 @@ def write_outputs(
         train_nll=train_ev.nll.numpy(),
         valid_targets=valid_ev.targets.numpy().astype(np.int32),
         valid_nll=valid_ev.nll.numpy(),
+        valid_expert_indices=valid_ev.expert_indices.numpy().astype(np.int16),
+        valid_expert_weights=valid_ev.expert_weights.numpy(),
     )
     plots.plot_loss_curves(
         out / "loss.png",

@@ -13,6 +13,7 @@ from moekit.experts import Experts
 from moekit.routing import build_router
 from moekit.routing.hierarchical import HierarchicalRouter
 from moekit.routing.losses import hard_counts
+from moekit.shards import LOCAL_SHARDS
 from moekit.types import MoEOutput, Routing
 
 
@@ -46,6 +47,8 @@ class MoE(nn.Module):
         capacity_factor: None for dropless dispatch; otherwise each expert computes at most
             ``ceil(T*k*capacity_factor/E)`` slots and drops the rest (their output is 0).
         batch_prioritized: with a capacity, let the tokens with the highest gate claim places first.
+        capacity_multiple: round the capacity up to a multiple of this (V-MoE uses 4, which keeps
+            expert buffers aligned; 1 leaves the capacity as computed).
         w_importance, w_load: balancing-loss coefficients, passed to a router built by name.
         activation: "relu", "gelu", "silu" or "swiglu".
         router_kwargs: extra arguments for a router built by name (e.g. ``noise_epsilon``).
@@ -59,11 +62,13 @@ class MoE(nn.Module):
                  router: str | nn.Module = "noisy_topk", capacity_factor: float | None = None,
                  w_importance: float = 0.1, w_load: float = 0.1, activation: str = "relu",
                  batch_prioritized: bool = False, router_kwargs: dict | None = None,
-                 expert_backend: str = "auto", device=None, dtype=None):
+                 expert_backend: str = "auto", capacity_multiple: int = 1, device=None, dtype=None):
         super().__init__()
         hidden_dim = 4 * dim if hidden_dim is None else hidden_dim
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor={capacity_factor} must be > 0 (or None for dropless)")
+        if isinstance(capacity_multiple, bool) or not isinstance(capacity_multiple, int) or capacity_multiple < 1:
+            raise ValueError(f"capacity_multiple={capacity_multiple!r} must be an int >= 1")
         if isinstance(router, str):
             router = build_router(router, dim, num_experts, k, w_importance=w_importance, w_load=w_load,
                                   device=device, dtype=dtype, **(router_kwargs or {}))
@@ -73,10 +78,13 @@ class MoE(nn.Module):
             raise ValueError(f"router has num_experts={router.num_experts}, layer has {num_experts}")
         self.dim, self.num_experts, self.k = dim, num_experts, k
         self.capacity_factor, self.batch_prioritized = capacity_factor, batch_prioritized
+        self.capacity_multiple = capacity_multiple
         self.router = router
         self.experts = Experts(num_experts, dim, hidden_dim, activation, expert_backend, device=device, dtype=dtype)
         # Swapped for an all-to-all dispatcher by moekit.parallel; the layer itself stays single-device.
         self.dispatcher = LocalDispatcher()
+        # The whole batch that capacity and stats cover (the router holds the same); see moekit.shards.
+        self.shards = LOCAL_SHARDS
 
     def route(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None) -> Routing:
         """Run the router in float32 (outside autocast: top-k and CV^2 are precision-sensitive)."""
@@ -89,17 +97,37 @@ class MoE(nn.Module):
         mask_T = None if mask is None else mask.reshape(-1)
         routing = self.route(x_TD, mask_T)
         indices_TK, weights_TK = routing.indices, routing.weights
-        dropped = 0
+        dropped = indices_TK.new_zeros(())
         if self.capacity_factor is not None:
-            num_real = x_TD.shape[0] if mask_T is None else int(mask_T.sum().item())
-            cap = expert_capacity(num_real, indices_TK.shape[1], self.capacity_factor, self.num_experts)
-            keep_TK = capacity_keep(indices_TK, weights_TK, self.num_experts, cap, self.batch_prioritized)
-            dropped = int(((indices_TK >= 0) & ~keep_TK).sum().item())
+            keep_TK = self.keep_within_capacity(indices_TK, weights_TK, mask_T)
+            dropped = ((indices_TK >= 0) & ~keep_TK).sum()
             indices_TK = torch.where(keep_TK, indices_TK, -1)
             weights_TK = weights_TK * keep_TK
         y_TD = self.dispatcher(x_TD, indices_TK, weights_TK, self.experts)
-        stats = routing.stats._replace(counts=hard_counts(indices_TK, self.num_experts), dropped=dropped)
+        # Counts and dropped in one tensor: a single reduction when the batch is sharded.
+        totals = self.shards.sum(torch.cat([hard_counts(indices_TK, self.num_experts), dropped.reshape(1)]))
+        stats = routing.stats._replace(counts=totals[:-1], dropped=int(totals[-1]))
         return MoEOutput(y_TD.reshape(x.shape).to(x.dtype), routing.aux_loss, stats)
+
+    def keep_within_capacity(self, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
+                             mask_T: torch.Tensor | None) -> torch.Tensor:
+        """[T, K] bool: the routed slots that fit in their expert's buffer.
+
+        Capacity and claim order are those of the whole batch: when it is sharded over processes
+        (``self.shards``), shard r's tokens come after those of shards 0..r-1.
+        """
+        num_real = indices_TK.shape[0] if mask_T is None else mask_T.sum()
+        num_real = int(self.shards.sum(torch.as_tensor(num_real, device=indices_TK.device)))
+        cap = expert_capacity(num_real, indices_TK.shape[1], self.capacity_factor, self.num_experts,
+                              self.capacity_multiple)
+        all_indices_TK, start = self.shards.gather(indices_TK)
+        # Only batch-prioritised routing reads the gates (it orders tokens by their top gate).
+        if self.batch_prioritized:
+            all_weights_TK = self.shards.gather(weights_TK.detach())[0]
+        else:
+            all_weights_TK = weights_TK.new_zeros(all_indices_TK.shape)
+        keep_TK = capacity_keep(all_indices_TK, all_weights_TK, self.num_experts, cap, self.batch_prioritized)
+        return keep_TK[start : start + indices_TK.shape[0]]
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, "

@@ -54,6 +54,8 @@ def reference_moe(moe, x: torch.Tensor, mask: torch.Tensor | None = None) -> MoE
     if moe.capacity_factor is not None:
         num_real = num_tokens if mask_T is None else int(mask_T.sum())
         cap = math.ceil(num_real * k * moe.capacity_factor / moe.num_experts)
+        multiple = getattr(moe, "capacity_multiple", 1)
+        cap = math.ceil(cap / multiple) * multiple
         order = list(range(num_tokens))
         if moe.batch_prioritized:
             top = [max(row) for row in routing.weights.tolist()]

@@ -46,3 +46,12 @@ def test_baselines_compute_the_same_function_as_a_dense_ffn_with_one_expert():
         else:
             expected = torch.relu(x @ layer.w1[0]) @ layer.w2[0]
         torch.testing.assert_close(layer(x), expected, msg=name)
+
+
+def test_moekit_bench_command_writes_into_out(tmp_path, capsys):
+    from moekit.cli import main
+
+    assert main(["bench", "--quick", "--threads", "1", "--repeats", "1", "--only", "E=8", "--out",
+                 str(tmp_path)]) == 0
+    assert (tmp_path / "bench.json").is_file() and "efficiency" in (tmp_path / "bench.md").read_text()
+    assert "E=8" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import torch
 import moekit
 from moekit.reference import reference_moe
 
-ROUTERS = ["noisy_topk", "topk", "switch", "batchwise"]
+ROUTERS = ["noisy_topk", "topk", "switch", "batchwise", "vmoe"]
 # (capacity_factor, batch_prioritized): dropless, capacity in token order, capacity with BPR.
 DISPATCH = [(None, False), (0.75, False), (0.75, True)]
 

@@ -123,9 +123,11 @@ def load_kjv(program: str = KJV_PROGRAM) -> list[Verse]:
             f"the King James Bible needs the program {program!r} from the Debian package "
             f"{KJV_PACKAGE}: install it with `apt-get install {KJV_PACKAGE}`"
         )
-    # A very wide line keeps each verse on one line; the parser copes with wrapping anyway.
+    # A very wide line keeps each verse on one line (the parser copes with wrapping anyway); no
+    # stdin, because without complete arguments the program turns interactive.
+    cmd = [exe, "-l100000", KJV_RANGE]
     result = subprocess.run(
-        [exe, "-l100000", KJV_RANGE], capture_output=True, text=True, encoding="utf-8", check=False
+        cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, encoding="utf-8", check=False
     )
     if result.returncode != 0:
         raise RuntimeError(f"{exe} {KJV_RANGE} failed ({result.returncode}): {result.stderr.strip()}")
@@ -191,9 +193,7 @@ def text_file_corpus(path: str | Path) -> Corpus:
     if min(n_valid, n_test) < 2:
         raise DataFileError(f"data file {str(path)!r} is too short to split ({n} tokens)")
     n_train = n - n_valid - n_test
-    return Corpus(
-        tokens[:n_train], tokens[n_train : n_train + n_valid], tokens[n_train + n_valid :], source=str(path)
-    )
+    return Corpus(tokens[:n_train], tokens[n_train : n_train + n_valid], tokens[n_train + n_valid :], source=str(path))
 
 
 def _stream(lines: Iterable[str]) -> list[str]:

@@ -1,1 +1,1 @@
-"""Command-line jobs that are more than a page of glue: each module provides ``add_args`` and ``run``."""
+"""The command-line jobs: each module provides add_args(parser) and run(args) -> int."""

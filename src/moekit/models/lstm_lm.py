@@ -29,9 +29,9 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from moekit.layer import HierarchicalMoE, MoE
+from moekit.metrics.flops import count_flops, loop_experts
 from moekit.types import RoutingStats
 
 # The seven models of the paper's Table 7 that fit one machine (MoE-1024-h and MoE-4096-h need a cluster).
@@ -226,30 +226,23 @@ def ops_per_timestep(cfg: LSTMLMConfig) -> int:
     return 2 * lstm + middle
 
 
-@torch.no_grad()
 def measure_ops_per_timestep(model: LSTMLM, batch: int = 2, seq_len: int = 3) -> float:
     """``ops_per_timestep`` measured by ``FlopCounterMode`` on a forward of the body (eval mode, CPU).
 
     oneDNN's fused LSTM kernel is invisible to the counter, so it is switched off here; the MoE
-    experts are run one segment at a time so that no padding rows are counted.
+    experts are run one segment at a time, so that no padding rows are counted.
     """
     was_training = model.training
     model.eval()
-    experts = getattr(model.middle, "experts", None)
-    backend = None if experts is None else experts.backend
-    if experts is not None:
-        experts.backend = "loop"
     ids_BS = torch.randint(0, model.cfg.vocab_size, (batch, seq_len), device=model.head.weight.device)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about TF32 on Intel GPUs when the flag flips
-            with torch.backends.mkldnn.flags(enabled=False), FlopCounterMode(display=False) as counter:
-                model.body(ids_BS)
+            with torch.backends.mkldnn.flags(enabled=False), loop_experts(model):
+                flops = count_flops(model.body, ids_BS)
     finally:
         model.train(was_training)
-        if experts is not None:
-            experts.backend = backend
-    return counter.get_total_flops() / 2 / (batch * seq_len)  # the counter counts a multiply-add as 2
+    return flops / 2 / (batch * seq_len)  # the counter counts a multiply-add as 2
 
 
 def body_params(model: LSTMLM) -> int:

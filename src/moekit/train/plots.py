@@ -43,14 +43,12 @@ def plot_loss_curves(
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
     if train_steps:
-        ax.plot(train_steps, train_loss, color="tab:blue", alpha=0.25, linewidth=0.8)
-        window = max(1, len(train_loss) // 50)
-        ax.plot(
-            train_steps,
-            _moving_average(train_loss, window),
-            color="tab:blue",
-            label=f"train (moving average of {window})",
-        )
+        window = max(1, len(train_loss) // 20)
+        label = "train"
+        if window > 1:
+            ax.plot(train_steps, train_loss, color="tab:blue", alpha=0.25, linewidth=0.8)
+            label = f"train (moving average of {window} steps)"
+        ax.plot(train_steps, _moving_average(train_loss, window), color="tab:blue", label=label)
     if valid_steps:
         ax.plot(valid_steps, valid_loss, "o-", color="tab:orange", label="validation")
     ax.set_xlabel("step")

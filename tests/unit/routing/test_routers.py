@@ -9,11 +9,11 @@ import moekit
 from moekit.reference import reference_noisy_top_k
 from moekit.routing.batchwise import batchwise_m
 
-ALL_ROUTERS = ["noisy_topk", "topk", "switch", "batchwise"]
+ALL_ROUTERS = ["noisy_topk", "topk", "switch", "batchwise", "vmoe"]
 
 
 def test_registry_lists_every_router():
-    assert moekit.routers() == sorted(ALL_ROUTERS)
+    assert moekit.routers() == sorted([*ALL_ROUTERS, "e3"])  # e3: moekit.ensemble.PartitionedRouter
     with pytest.raises(ValueError, match="unknown router 'nope'"):
         moekit.build_router("nope", 4, 4, 1)
 
