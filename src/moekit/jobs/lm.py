@@ -44,9 +44,10 @@ from moekit.train.outdir import ConfigError, OutDirError, checkpoint_path, prepa
 ABLATION_GRID: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.2, 0.0), (0.0, 0.2), (0.1, 0.1), (0.01, 0.01),
                                                    (1.0, 1.0))
 
-# Settings a preset fills in; an option given on the command line wins. cpu-small was sized on
-# one thread of a shared 2-core machine (see docs/results/lm/report.md for the time it took);
-# paper is the paper's width with a schedule that fits a single GPU.
+# Settings a preset fills in; an option given on the command line wins. cpu-small runs all seven
+# models in about 10 minutes on one thread of a shared 2-core machine (5.5 min of CPU time); it was
+# chosen among the settings compared in docs/results/lm/README.md. paper is the paper's width with a
+# schedule meant for one GPU (not measured here).
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-small": {"dim": 64, "vocab_size": 4000, "steps": 1000, "batch_size": 32, "seq_len": 32, "lr": 3e-3,
                   "warmup": 50, "dropout": 0.0, "eval_every": 100, "eval_tokens": 5000, "checkpoint_every": 200},
