@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from moekit.data import KJV_SPLIT, Vocab, kjv_corpus, text_file_corpus
+from moekit.data import KJV_BOOKS, KJV_SPLIT, Vocab, kjv_corpus, text_file_corpus
 from moekit.demo import resolve_device
 from moekit.jobs import lm_report
 from moekit.jobs.lm_train import (
@@ -192,7 +192,7 @@ def load_data(cfg: LMJobConfig) -> LMData:
         corpus = kjv_corpus()
         split = (f"King James Bible split by book: test = {', '.join(KJV_SPLIT['test'])}; "
                  f"validation = {', '.join(KJV_SPLIT['valid'])}; train = the other "
-                 f"{66 - len(KJV_SPLIT['test']) - len(KJV_SPLIT['valid'])} books")
+                 f"{len(KJV_BOOKS) - len(KJV_SPLIT['test']) - len(KJV_SPLIT['valid'])} books")
     else:
         corpus = text_file_corpus(cfg.data)
         split = f"{cfg.data} cut into contiguous blocks: the first 90% train, then 5% validation, 5% test"
