@@ -133,17 +133,26 @@ class Experts(nn.Module):
             return x_ND.new_zeros(0, self.dim)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
+    def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        """All experts on an [E, C, D] buffer (expert e's tokens in row e, padded), one batched
+        matmul per weight. Returns [E, C, D]; rows that are padding hold act(b1) @ w2 + b2."""
+        w1, b1, w2, b2, w3 = self._weights(x_ECD.dtype)
+        h = torch.baddbmm(b1[:, None, :], x_ECD, w1)
+        if w3 is not None:
+            h = F.silu(h) * torch.bmm(x_ECD, w3)
+        elif self.activation == "relu":
+            h = h.relu_()  # in place: baddbmm's backward does not need its output; saves an [E, C, F]
+        else:
+            h = ACTIVATIONS[self.activation](h)
+        return torch.baddbmm(b2[:, None, :], h, w2)
+
     def _forward_padded(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        # One batched matmul over [E, C, D] with C = the largest segment: on CPU a single bmm runs
-        # at the speed of one big matmul, while E small matmuls lose 2-4x to per-call overhead and
-        # poor blocking. Padding rows are zero, their outputs are never read, so they get no gradient.
-        w1, b1, w2, b2, w3 = self._weights(x_ND.dtype)
+        # On CPU one bmm over [E, C, D] (C = the largest segment) runs at the speed of one big
+        # matmul, while E small matmuls lose 2-4x to per-call overhead and poor blocking. Padding
+        # rows are zero and never read back, so they get no gradient.
         expert_N, pos_N, cap = segment_positions(counts, x_ND.device)
         x_ECD = x_ND.new_zeros(self.num_experts, cap, self.dim).index_put((expert_N, pos_N), x_ND)
-        h = torch.baddbmm(b1[:, None, :], x_ECD, w1)
-        h = self._act(h, None if w3 is None else torch.bmm(x_ECD, w3))
-        y_ECD = torch.baddbmm(b2[:, None, :], h, w2)
-        return y_ECD[expert_N, pos_N]
+        return self.forward_padded(x_ECD)[expert_N, pos_N]
 
     def _forward_grouped(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         # torch's grouped GEMM takes the segments as offsets: no padding, one kernel per matmul.

@@ -154,3 +154,12 @@ def test_torch_compile_inductor_matches_eager_in_eval():
     out, ref = compiled(x), moe(x)
     torch.testing.assert_close(out.y, ref.y, rtol=1e-4, atol=1e-5)
     assert out.stats.counts.tolist() == ref.stats.counts.tolist()
+
+
+@pytest.mark.parametrize("backend", ["loop", "bmm"])
+def test_all_padding_batch_routes_nothing(backend):
+    moe = moekit.MoE(8, 4, 2, 16, expert_backend=backend).train()
+    x = torch.randn(3, 8, requires_grad=True)
+    out = moe(x, mask=torch.zeros(3, dtype=torch.bool))
+    out.y.sum().backward()
+    assert (out.y == 0).all() and out.stats.counts.sum() == 0 and (x.grad == 0).all()
