@@ -45,6 +45,11 @@ JOBS: dict[str, Job] = {
         "moekit.jobs.ensemble",
         "runs/ensemble",
     ),
+    "lm": Job(
+        "the LSTM-MoE language model of Shazeer et al. 2017 vs compute-matched dense models",
+        "moekit.jobs.lm",
+        "runs/lm",
+    ),
 }
 
 
