@@ -151,10 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", help="run only cases whose name contains this text")
+    p.add_argument("--no-baselines", action="store_true", help="time moekit against the limit only")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cases = [c for c in default_cases(args.quick) if not args.only or args.only in c.name]
+    if args.no_baselines:
+        cases = [replace(c, baselines=(), memory=False) for c in cases]
     if args.device.startswith("cuda"):
         cases = [replace(c, dtype="bfloat16") if c.dtype == "float32" else c for c in cases]
     rows = []
