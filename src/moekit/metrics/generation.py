@@ -102,29 +102,52 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(seen) / total if total else 0.0
 
 
+def _scores(outs: Sequence[str], refs: Sequence[str], tokenize: str) -> list[list[float]]:
+    """[K][R] sentence BLEU of every output against every single reference."""
+    return [[sentence_bleu(o, [r], tokenize) for r in refs] for o in outs]
+
+
 def refs_covered(outputs: Outputs, references: References, tokenize: str = "13a",
                  min_bleu: float = 0.0) -> float:
     """Share of all references that are the closest reference (by sentence BLEU) of some output.
 
-    ``min_bleu`` > 0 also asks that output to reach that sentence BLEU against it (100 means an
-    exact match, the strict reading used on synthetic data with known references).
+    The first reference wins a tie. ``min_bleu`` > 0 also asks that output to reach that sentence
+    BLEU against it (100 means an exact match, the strict reading for synthetic data).
     """
     _check(outputs, references)
     covered = total = 0
     for outs, refs in zip(outputs, references, strict=True):
         hit: set[int] = set()
-        for o in outs:
-            scores = [sentence_bleu(o, [r], tokenize) for r in refs]
-            j = max(range(len(refs)), key=lambda i: (scores[i], -i))
-            if scores[j] >= min_bleu:
+        for row in _scores(outs, refs, tokenize):
+            j = max(range(len(refs)), key=lambda i: (row[i], -i))
+            if row[j] >= min_bleu:
                 hit.add(j)
         covered += len(hit)
         total += len(refs)
     return covered / total
 
 
+def closest_output_usage(outputs: Outputs, references: References, tokenize: str = "13a") -> list[float]:
+    """[K] share of references whose closest output (by sentence BLEU) is output k.
+
+    Outputs tied for closest share the reference equally, so K identical outputs get 1/K each.
+    For a model whose output k comes from pattern k this is the per-pattern usage at test time.
+    """
+    k = _check(outputs, references)
+    usage, total = [0.0] * k, 0
+    for outs, refs in zip(outputs, references, strict=True):
+        scores = _scores(outs, refs, tokenize)
+        for r in range(len(refs)):
+            best = max(scores[j][r] for j in range(k))
+            winners = [j for j in range(k) if scores[j][r] == best]
+            for j in winners:
+                usage[j] += 1.0 / len(winners)
+        total += len(refs)
+    return [u / total for u in usage]
+
+
 def pattern_usage(indices: Sequence[int], k: int) -> list[float]:
-    """[K] share of ``indices`` (e.g. the best output of each input, or training assignments) per pattern."""
+    """[K] share of ``indices`` (e.g. the training assignments) that falls on each pattern."""
     if k < 1:
         raise ValueError(f"k={k} must be >= 1")
     counts = [0] * k
@@ -151,7 +174,7 @@ def generation_metrics(outputs: Outputs, references: References, tokenize: str =
         "distinct_1": distinct_n(flat, 1),
         "distinct_2": distinct_n(flat, 2),
         "refs_covered": refs_covered(outputs, references, tokenize),
-        "pattern_usage": pattern_usage(best, k),
+        "pattern_usage": closest_output_usage(outputs, references, tokenize),
         "num_inputs": len(outputs),
         "k": k,
     }

@@ -2,8 +2,11 @@
 
 Legend: B sources, N hypotheses (sources x beams or samples), T prefix length, V vocabulary.
 
-A step function maps ``(prefix_NT, rows_N) -> log_probs_NV``: the log-probabilities of the next
-token after each prefix, where ``rows_N`` names the source each hypothesis belongs to. Every
+A step function maps ``(prefix_NT, rows_N, parents_N) -> log_probs_NV``: the log-probabilities of
+the next token after each prefix. ``rows_N`` names the source of each hypothesis and stays fixed
+during a search. ``parents_N`` is None on the first call of a search; afterwards hypothesis i
+extends hypothesis ``parents_N[i]`` of the previous call by the last token of its prefix, which lets
+a step function keep per-hypothesis caches (it may also ignore it and recompute). Every
 prefix starts with a start token (``<bos>``, or an ``<expert_i>`` token for a hard mixture); the
 returned sequences hold neither the start token nor ``<eos>``.
 """
@@ -14,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def _check(start_B: torch.Tensor, max_len: int) -> None:
@@ -35,8 +38,10 @@ def greedy_decode(step_fn: StepFn, start_B: torch.Tensor, max_len: int, eos_id: 
     rows_N = torch.arange(start_B.numel(), device=start_B.device)
     prefix_NT = start_B[:, None]
     done_N = torch.zeros_like(start_B, dtype=torch.bool)
+    parents_N = None
     for _ in range(max_len):
-        next_N = step_fn(prefix_NT, rows_N).argmax(-1)
+        next_N = step_fn(prefix_NT, rows_N, parents_N).argmax(-1)
+        parents_N = rows_N
         next_N = torch.where(done_N, torch.full_like(next_N, pad_id), next_N)
         prefix_NT = torch.cat([prefix_NT, next_N[:, None]], dim=1)
         done_N |= next_N == eos_id
@@ -57,8 +62,10 @@ def sample_decode(step_fn: StepFn, start_B: torch.Tensor, max_len: int, eos_id: 
     rows_N = torch.arange(B, device=start_B.device).repeat_interleave(num_samples)
     prefix_NT = start_B[rows_N][:, None]
     done_N = torch.zeros(rows_N.numel(), dtype=torch.bool, device=start_B.device)
+    parents_N, same_N = None, torch.arange(rows_N.numel(), device=start_B.device)
     for _ in range(max_len):
-        probs_NV = torch.softmax(step_fn(prefix_NT, rows_N) / temperature, dim=-1)
+        probs_NV = torch.softmax(step_fn(prefix_NT, rows_N, parents_N) / temperature, dim=-1)
+        parents_N = same_N
         next_N = torch.multinomial(probs_NV.cpu(), 1, generator=generator)[:, 0].to(prefix_NT.device)
         next_N = torch.where(done_N, torch.full_like(next_N, pad_id), next_N)
         prefix_NT = torch.cat([prefix_NT, next_N[:, None]], dim=1)
@@ -88,8 +95,9 @@ def beam_search(step_fn: StepFn, start_B: torch.Tensor, max_len: int, eos_id: in
     scores_BW = torch.full((B, W), float("-inf"), device=dev)
     scores_BW[:, 0] = 0.0
     finished: list[list[tuple[list[int], float]]] = [[] for _ in range(B)]
+    parents_N = None
     for t in range(1, max_len + 1):
-        logp_NV = step_fn(prefix_NT, rows_N).float()
+        logp_NV = step_fn(prefix_NT, rows_N, parents_N).float()
         V = logp_NV.shape[-1]
         cand_BWV = scores_BW[:, :, None] + logp_NV.view(B, W, V)
         # 2W candidates hold at least W that do not end (each beam ends in at most one of them).
@@ -107,8 +115,8 @@ def beam_search(step_fn: StepFn, start_B: torch.Tensor, max_len: int, eos_id: in
         new_tok_BW = tok_B2W.gather(1, pos_BW)
         done_B = torch.tensor([len(f) >= W for f in finished], device=dev)
         scores_BW = scores_BW.masked_fill(done_B[:, None], float("-inf"))
-        flat_src_N = (torch.arange(B, device=dev)[:, None] * W + src_beam_BW).view(-1)
-        prefix_NT = torch.cat([prefix_NT[flat_src_N], new_tok_BW.view(-1, 1)], dim=1)
+        parents_N = (torch.arange(B, device=dev)[:, None] * W + src_beam_BW).view(-1)
+        prefix_NT = torch.cat([prefix_NT[parents_N], new_tok_BW.view(-1, 1)], dim=1)
         if bool(done_B.all()):
             break
     for b in range(B):

@@ -77,14 +77,21 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, **kw)
         self.out = nn.Linear(dim, dim, **kw)
 
-    def forward(self, x_BQD: torch.Tensor, ctx_BKD: torch.Tensor, mask_BQK: torch.Tensor) -> torch.Tensor:
+    def keys_values(self, ctx_BKD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H, Tk, D/H] of a context (cached during incremental decoding)."""
+        B, _, D = ctx_BKD.shape
+        k, v = self.kv(ctx_BKD).view(B, -1, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def attend(self, x_BQD: torch.Tensor, k, v, mask_BQK: torch.Tensor | None) -> torch.Tensor:
         B, Q, D = x_BQD.shape
-        H = self.heads
-        q = self.q(x_BQD).view(B, Q, H, D // H).transpose(1, 2)
-        k, v = self.kv(ctx_BKD).view(B, -1, 2, H, D // H).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BQK[:, None],
+        q = self.q(x_BQD).view(B, Q, self.heads, D // self.heads).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask_BQK is None else mask_BQK[:, None],
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, Q, D))
+
+    def forward(self, x_BQD: torch.Tensor, ctx_BKD: torch.Tensor, mask_BQK: torch.Tensor) -> torch.Tensor:
+        return self.attend(x_BQD, *self.keys_values(ctx_BKD), mask_BQK)
 
 
 class FeedForward(nn.Module):
@@ -119,6 +126,17 @@ class Block(nn.Module):
         if self.cross is not None:
             x_BTD = x_BTD + self.drop(self.cross(self.norm_x(x_BTD), memory_BSD, cross_mask_BTS))
         return x_BTD + self.drop(self.ffn(self.norm2(x_BTD)))
+
+    def step(self, x_N1D, cache: dict, cross_kv, cross_mask_N1S):
+        """One new position per hypothesis; ``cache`` holds this block's past keys/values [N, H, t, D/H]."""
+        h = self.norm1(x_N1D)
+        k_new, v_new = self.attn.keys_values(h)
+        cache["k"] = k_new if cache.get("k") is None else torch.cat([cache["k"], k_new], dim=2)
+        cache["v"] = v_new if cache.get("v") is None else torch.cat([cache["v"], v_new], dim=2)
+        # No mask: the cache holds only earlier positions, which is what the causal mask allows.
+        x_N1D = x_N1D + self.attn.attend(h, cache["k"], cache["v"], None)
+        x_N1D = x_N1D + self.cross.attend(self.norm_x(x_N1D), *cross_kv, cross_mask_N1S)
+        return x_N1D + self.ffn(self.norm2(x_N1D))
 
 
 class Seq2Seq(nn.Module):
@@ -188,17 +206,43 @@ class Seq2Seq(nn.Module):
         memory = self.encode(src_BS, src_mask_BS)
         return self.project(self.decode(tgt_in_BT, memory, src_mask_BS))
 
-    def step_fn(self, memory_BSD: torch.Tensor, src_mask_BS: torch.Tensor, head=None):
-        """A decoding step function: ``(prefix_NT, rows_N) -> log_probs_NV`` of the next token.
+    def step_fn(self, memory_BSD: torch.Tensor, src_mask_BS: torch.Tensor, head=None, cache: bool = True):
+        """A decoding step function ``(prefix_NT, rows_N, parents_N) -> log_probs_NV`` (see decoding.py).
 
-        ``rows_N`` says which source each hypothesis belongs to; ``head`` maps the last hidden
-        state [N, D] to logits (default: the shared projection).
+        ``rows_N`` says which source each hypothesis belongs to; ``head`` maps the last hidden state
+        [N, D] to logits (default: the shared projection). With ``cache`` the keys and values of past
+        positions are kept and reordered by ``parents_N``, so each step computes one new position;
+        without it every step recomputes the whole prefix (the reference the cache is tested against).
         """
         head = head or self.project
+        if not cache:
+            def full(prefix_NT: torch.Tensor, rows_N: torch.Tensor, parents_N=None) -> torch.Tensor:
+                h_NTD = self.decode(prefix_NT, memory_BSD[rows_N], src_mask_BS[rows_N])
+                return torch.log_softmax(head(h_NTD[:, -1]).float(), dim=-1)
 
-        def step(prefix_NT: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
-            h_NTD = self.decode(prefix_NT, memory_BSD[rows_N], src_mask_BS[rows_N])
-            return torch.log_softmax(head(h_NTD[:, -1]).float(), dim=-1)
+            return full
+        cross_kv = [block.cross.keys_values(memory_BSD) for block in self.decoder]
+        state: dict = {"len": 0, "layers": []}
+
+        def step(prefix_NT: torch.Tensor, rows_N: torch.Tensor, parents_N=None) -> torch.Tensor:
+            if parents_N is None:
+                # A new search: hypotheses keep their source from here on, so the cross-attention
+                # keys/values are gathered per hypothesis once.
+                state["len"], state["layers"] = 0, [{} for _ in self.decoder]
+                state["kv"] = [(k[rows_N], v[rows_N]) for k, v in cross_kv]
+                state["mask"] = src_mask_BS[rows_N][:, None, :]
+            else:
+                for layer in state["layers"]:
+                    layer["k"], layer["v"] = layer["k"][parents_N], layer["v"][parents_N]
+            mask_N1S, kv = state["mask"], state["kv"]
+            T = prefix_NT.shape[1]
+            pos_TD = sinusoidal_positions(T, self.cfg.dim, device=memory_BSD.device, dtype=memory_BSD.dtype)
+            for t in range(state["len"], T):
+                x = self.embed(prefix_NT[:, t : t + 1]) * math.sqrt(self.cfg.dim) + pos_TD[t]
+                for block, layer, ckv in zip(self.decoder, state["layers"], kv, strict=True):
+                    x = block.step(x, layer, ckv, mask_N1S)
+            state["len"] = T
+            return torch.log_softmax(head(self.dec_norm(x[:, 0])).float(), dim=-1)
 
         return step
 
