@@ -82,7 +82,7 @@ def test_cached_step_equals_full_recompute():
     bf = beam_search(full, start, 6, EOS, beam_size=3, n_best=3)
     bc = beam_search(m.step_fn(mem, mask), start, 6, EOS, beam_size=3, n_best=3)
     assert [[h[0] for h in hs] for hs in bf] == [[h[0] for h in hs] for hs in bc]
-    for hs_f, hs_c in zip(bf, bc):
+    for hs_f, hs_c in zip(bf, bc, strict=True):
         assert [h[1] for h in hs_f] == pytest.approx([h[1] for h in hs_c], abs=1e-4)
 
 

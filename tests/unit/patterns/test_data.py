@@ -102,7 +102,7 @@ def test_batches_are_shifted_padded_and_replayable():
     assert all(len(s) <= 5 and s[-1] == v.eos_id for s in pairs.src)
     b = make_batch(pairs, [0, 1], v)
     assert bool((b.tgt_in[:, 0] == v.bos_id).all())
-    for row_in, row_out in zip(b.tgt_in, b.tgt_out):
+    for row_in, row_out in zip(b.tgt_in, b.tgt_out, strict=True):
         n = int((row_out != 0).sum())
         assert row_out[n - 1] == v.eos_id and torch.equal(row_in[1:n], row_out[: n - 1])
     assert batch_indices(20, 8, seed=3, step=5) == batch_indices(20, 8, seed=3, step=5)
