@@ -76,7 +76,7 @@ def _examples(examples: list[dict[str, Any]], outputs: dict[str, list[list[str]]
             lines.append(f"- reference {r + 1}: {ref}")
         for model, outs in outputs.items():
             for k, o in enumerate(outs[i]):
-                lines.append(f"- {LABELS.get(model, model)}, {OUTPUT_NAMES.get(model, 'output')} {k}: {o}")
+                lines.append(f"- {LABELS.get(model, model)}, {OUTPUT_NAMES.get(model, 'output')} {k}: {o or '(empty)'}")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

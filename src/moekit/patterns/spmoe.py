@@ -52,22 +52,25 @@ class SPMoEConfig:
     is to keep the assignment balanced while the heads are alike."""
     w_load: float = 1.0
     """Weight of CV^2 of the gate's smooth load (Shazeer eq. 10 with k = 1)."""
+    gate_weight: float = 1.0
+    """gamma in ``z = argmax_k gamma * log q_k(x, y) - nll_k``: how many nats of sequence likelihood
+    the gate's preference is worth. Small values let the gate break near-ties only."""
     noise_epsilon: float = 1e-2
     use_gate: bool = True
     """False: plain hard EM with a uniform prior (the winner is the lowest loss)."""
     learned_prior: bool = True
     """Train p(z | x) to rank the outputs at inference."""
     adapter_init_std: float = 0.02
-    """Adapters start at identity plus this much noise: alike, but not tied."""
+    """Heads start as the shared output path plus noise of this relative size: alike, but not tied."""
 
     def __post_init__(self) -> None:
         if isinstance(self.patterns, bool) or not isinstance(self.patterns, int) or self.patterns < 1:
             raise ValueError(f"patterns={self.patterns!r} must be a positive int")
         if self.head not in HEAD_KINDS:
             raise ValueError(f"head={self.head!r} is not one of {HEAD_KINDS}")
-        if min(self.w_importance, self.w_load, self.noise_epsilon) < 0:
-            raise ValueError(f"w_importance={self.w_importance}, w_load={self.w_load} and "
-                             f"noise_epsilon={self.noise_epsilon} must be >= 0")
+        if min(self.w_importance, self.w_load, self.noise_epsilon, self.gate_weight) < 0:
+            raise ValueError(f"w_importance={self.w_importance}, w_load={self.w_load}, gate_weight={self.gate_weight} "
+                             f"and noise_epsilon={self.noise_epsilon} must be >= 0")
 
 
 class PatternHeads(nn.Module):
@@ -89,11 +92,14 @@ class PatternHeads(nn.Module):
         self.weight_KDO = nn.Parameter(torch.empty(K, D, out, **kw))
         self.bias_KO = nn.Parameter(torch.zeros(K, out, **kw))
         with torch.no_grad():
+            # Every head starts as the shared output path plus a little noise: alike, so that no
+            # head loses every pair before training has begun, but not tied, so hard EM can split them.
             if kind == "adapter":
-                eye = torch.eye(D, **kw)
-                self.weight_KDO.copy_(eye + adapter_init_std * torch.randn(K, D, D, **kw))
+                base_DO = torch.eye(D, **kw)
             else:
-                self.weight_KDO.normal_(std=D**-0.5)
+                base_DO = backbone.project(torch.eye(D, device=device, dtype=backbone.embed.weight.dtype))
+            scale = adapter_init_std * (1.0 if kind == "adapter" else float(base_DO.std()) * D**0.5)
+            self.weight_KDO.copy_(base_DO + scale * torch.randn(K, D, out, **kw))
 
     def logits(self, h_NTD: torch.Tensor, k: int) -> torch.Tensor:
         """Pattern k's logits [N, T, V] (or [N, V] for h [N, D])."""
@@ -235,7 +241,7 @@ class SPMoE(nn.Module):
             return nll_BK.argmin(1), {}
         clean_BK, noise_std_BK = self.gate(feat_B2D)
         noisy_BK = clean_BK if noise_std_BK is None else clean_BK + torch.randn_like(clean_BK) * noise_std_BK
-        score_BK = torch.log_softmax(noisy_BK.detach(), dim=-1) - nll_BK.float()
+        score_BK = self.cfg.gate_weight * torch.log_softmax(noisy_BK.detach(), dim=-1) - nll_BK.float()
         assignment_B = score_BK.argmax(1)
         return assignment_B, gate_losses(clean_BK, noise_std_BK, noisy_BK, assignment_B)
 

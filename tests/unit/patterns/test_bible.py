@@ -1,0 +1,37 @@
+"""KJV -> WEB verse pairs: markup stripping, missing-package errors, alignment on the real modules."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from moekit.patterns import bible
+from moekit.patterns.bible import MissingDataError, load_kjv_verses, load_web_verses, strip_osis
+
+
+def test_strip_osis_drops_notes_titles_and_tags():
+    raw = ('<title type="psalm">A Psalm by David.</title> <w lemma="strong:H0430">In</w> the '
+           '<w lemma="x">beginning</w>, God<note placement="foot"><reference>1:1 </reference>Hebrew: '
+           '“Elohim”.</note>created the heavens<note>n</note>. <l level="1" sID="x"/>God’s Spirit &amp; “light”')
+    assert strip_osis(raw) == "In the beginning, God created the heavens. God's Spirit & \"light\""
+
+
+def test_missing_sources_name_their_package(tmp_path, monkeypatch):
+    with pytest.raises(MissingDataError, match="sword-text-web"):
+        load_web_verses(sword_path=tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(MissingDataError, match="bible-kjv"):
+        load_kjv_verses(program="bible-program-that-does-not-exist")
+
+
+@pytest.mark.skipif(shutil.which("bible") is None or not Path(bible.SWORD_PATH, "mods.d").is_dir(),
+                    reason="needs the bible-kjv and sword-text-web packages")
+def test_real_pairs_are_aligned_and_split_by_book():
+    parts = bible.kjv_web_examples(max_words=12)
+    first = parts["train"][0]
+    assert first.source == "In the beginning God created the heaven and the earth."
+    assert first.targets == ["In the beginning, God created the heavens and the earth."]
+    assert 0 < len(parts["test"]) < len(parts["train"]) / 5
+    assert all(len(e.source.split()) <= 12 and len(e.targets[0].split()) <= 12 for e in parts["train"])
+    # No markup survives.
+    assert not any("<" in e.targets[0] for e in parts["train"] + parts["test"])
