@@ -16,6 +16,37 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}
+BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
+# "auto" pads to the largest segment while that costs at most this factor of extra rows.
+MAX_PADDING_WASTE = 2.0
+
+
+def segment_positions(counts: list[int], device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For segments of sizes ``counts``: (expert [N], position within its segment [N], largest size)."""
+    counts_E = torch.tensor(counts, device=device)
+    expert_N = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_E)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    pos_N = torch.arange(expert_N.numel(), device=device) - starts_E[expert_N]
+    return expert_N, pos_N, (max(counts) if counts else 0)
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """torch's grouped GEMM: CUDA, bfloat16, compute capability >= 9.0 (Hopper)."""
+    return (hasattr(F, "grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+def resolve_backend(backend: str, x_ND: torch.Tensor, counts: list[int]) -> str:
+    """The backend "auto" stands for: grouped_mm where supported, else bmm unless padding to the
+    largest segment would compute more than ``MAX_PADDING_WASTE`` times the real rows, else loop."""
+    if backend != "auto":
+        return backend
+    if grouped_mm_supported(x_ND):
+        return "grouped_mm"
+    n = sum(counts)
+    if n and len(counts) * max(counts) <= MAX_PADDING_WASTE * n:
+        return "bmm"
+    return "loop"
 
 
 class Experts(nn.Module):
@@ -26,10 +57,13 @@ class Experts(nn.Module):
         dim: D.
         hidden_dim: F.
         activation: "relu", "gelu", "silu" or "swiglu" (adds ``w3`` [E, D, F]).
+        backend: how the segments are computed: "loop" (one matmul pair per expert), "bmm" (pad
+            segments to the largest and use one batched matmul), "grouped_mm" (torch's grouped
+            GEMM), or "auto" (see ``resolve_backend``). Settable after construction.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "relu",
-                 device=None, dtype=None):
+                 backend: str = "auto", device=None, dtype=None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
@@ -38,6 +72,9 @@ class Experts(nn.Module):
                 raise ValueError(f"{name}={value!r} must be a positive int")
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.activation = activation
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+        self.backend = backend
         kw = {"device": device, "dtype": dtype}
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **kw))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim, **kw))
@@ -68,21 +105,55 @@ class Experts(nn.Module):
         """Apply expert e to the e-th contiguous segment of ``x_ND`` (sizes ``counts``). Returns [N, D]."""
         if len(counts) != self.num_experts:
             raise ValueError(f"counts has {len(counts)} entries for {self.num_experts} experts")
-        act = ACTIVATIONS[self.activation]
+        backend = resolve_backend(self.backend, x_ND, counts)
+        if backend == "bmm":
+            return self._forward_padded(x_ND, counts)
+        if backend == "grouped_mm":
+            return self._forward_grouped(x_ND, counts)
+        return self._forward_loop(x_ND, counts)
+
+    def _weights(self, dtype: torch.dtype):
+        ws = (self.w1, self.b1, self.w2, self.b2, self.w3)
+        return tuple(None if w is None else w.to(dtype) for w in ws)
+
+    def _act(self, h: torch.Tensor, gate_in: torch.Tensor | None) -> torch.Tensor:
+        return F.silu(h) * gate_in if gate_in is not None else ACTIVATIONS[self.activation](h)
+
+    def _forward_loop(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         # unbind, not w1[e]: indexing a stacked parameter inside autograd makes each expert's
         # backward allocate a full [E, D, F] gradient; unbind's backward stacks them once.
-        w1, b1, w2, b2 = (p.to(x_ND.dtype).unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
-        w3 = self.w3.to(x_ND.dtype).unbind(0) if self.w3 is not None else None
+        w1, b1, w2, b2, w3 = (None if w is None else w.unbind(0) for w in self._weights(x_ND.dtype))
         outs = []
         for e, x_e in enumerate(x_ND.split(counts)):
             if counts[e] == 0:
                 continue
-            h = torch.addmm(b1[e], x_e, w1[e])
-            h = F.silu(h) * (x_e @ w3[e]) if w3 is not None else act(h)
+            h = self._act(torch.addmm(b1[e], x_e, w1[e]), None if w3 is None else x_e @ w3[e])
             outs.append(torch.addmm(b2[e], h, w2[e]))
         if not outs:
             return x_ND.new_zeros(0, self.dim)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _forward_padded(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        # One batched matmul over [E, C, D] with C = the largest segment: on CPU a single bmm runs
+        # at the speed of one big matmul, while E small matmuls lose 2-4x to per-call overhead and
+        # poor blocking. Padding rows are zero, their outputs are never read, so they get no gradient.
+        w1, b1, w2, b2, w3 = self._weights(x_ND.dtype)
+        expert_N, pos_N, cap = segment_positions(counts, x_ND.device)
+        x_ECD = x_ND.new_zeros(self.num_experts, cap, self.dim).index_put((expert_N, pos_N), x_ND)
+        h = torch.baddbmm(b1[:, None, :], x_ECD, w1)
+        h = self._act(h, None if w3 is None else torch.bmm(x_ECD, w3))
+        y_ECD = torch.baddbmm(b2[:, None, :], h, w2)
+        return y_ECD[expert_N, pos_N]
+
+    def _forward_grouped(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        # torch's grouped GEMM takes the segments as offsets: no padding, one kernel per matmul.
+        w1, b1, w2, b2, w3 = self._weights(x_ND.dtype)
+        offs = torch.tensor(counts, device=x_ND.device).cumsum(0).to(torch.int32)
+        expert_N = torch.repeat_interleave(torch.arange(self.num_experts, device=x_ND.device),
+                                           torch.tensor(counts, device=x_ND.device))
+        h = F.grouped_mm(x_ND, w1, offs=offs) + b1[expert_N]
+        h = self._act(h, None if w3 is None else F.grouped_mm(x_ND, w3, offs=offs))
+        return F.grouped_mm(h, w2, offs=offs) + b2[expert_N]
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "

@@ -13,6 +13,7 @@ from moekit.experts import Experts
 from moekit.routing import build_router
 from moekit.routing.hierarchical import HierarchicalRouter
 from moekit.routing.losses import hard_counts
+from moekit.shards import LOCAL_SHARDS
 from moekit.types import MoEOutput, Routing
 
 
@@ -49,6 +50,7 @@ class MoE(nn.Module):
         w_importance, w_load: balancing-loss coefficients, passed to a router built by name.
         activation: "relu", "gelu", "silu" or "swiglu".
         router_kwargs: extra arguments for a router built by name (e.g. ``noise_epsilon``).
+        expert_backend: "auto", "loop", "bmm" or "grouped_mm" (see ``moekit.experts.Experts``).
 
     Shapes: ``x`` [..., D], ``mask`` [...] bool (True = real token) -> ``MoEOutput(y [..., D], aux_loss [],
     stats)``. Padding tokens are ignored by routing, losses and stats, and their output is 0.
@@ -58,7 +60,7 @@ class MoE(nn.Module):
                  router: str | nn.Module = "noisy_topk", capacity_factor: float | None = None,
                  w_importance: float = 0.1, w_load: float = 0.1, activation: str = "relu",
                  batch_prioritized: bool = False, router_kwargs: dict | None = None,
-                 device=None, dtype=None):
+                 expert_backend: str = "auto", device=None, dtype=None):
         super().__init__()
         hidden_dim = 4 * dim if hidden_dim is None else hidden_dim
         if capacity_factor is not None and capacity_factor <= 0:
@@ -73,9 +75,11 @@ class MoE(nn.Module):
         self.dim, self.num_experts, self.k = dim, num_experts, k
         self.capacity_factor, self.batch_prioritized = capacity_factor, batch_prioritized
         self.router = router
-        self.experts = Experts(num_experts, dim, hidden_dim, activation, device=device, dtype=dtype)
+        self.experts = Experts(num_experts, dim, hidden_dim, activation, expert_backend, device=device, dtype=dtype)
         # Swapped for an all-to-all dispatcher by moekit.parallel; the layer itself stays single-device.
         self.dispatcher = LocalDispatcher()
+        # The whole batch that capacity and stats cover (the router holds the same); see moekit.shards.
+        self.shards = LOCAL_SHARDS
 
     def route(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None) -> Routing:
         """Run the router in float32 (outside autocast: top-k and CV^2 are precision-sensitive)."""
@@ -88,17 +92,36 @@ class MoE(nn.Module):
         mask_T = None if mask is None else mask.reshape(-1)
         routing = self.route(x_TD, mask_T)
         indices_TK, weights_TK = routing.indices, routing.weights
-        dropped = 0
+        dropped = indices_TK.new_zeros(())
         if self.capacity_factor is not None:
-            num_real = x_TD.shape[0] if mask_T is None else int(mask_T.sum().item())
-            cap = expert_capacity(num_real, indices_TK.shape[1], self.capacity_factor, self.num_experts)
-            keep_TK = capacity_keep(indices_TK, weights_TK, self.num_experts, cap, self.batch_prioritized)
-            dropped = int(((indices_TK >= 0) & ~keep_TK).sum().item())
+            keep_TK = self.keep_within_capacity(indices_TK, weights_TK, mask_T)
+            dropped = ((indices_TK >= 0) & ~keep_TK).sum()
             indices_TK = torch.where(keep_TK, indices_TK, -1)
             weights_TK = weights_TK * keep_TK
         y_TD = self.dispatcher(x_TD, indices_TK, weights_TK, self.experts)
-        stats = routing.stats._replace(counts=hard_counts(indices_TK, self.num_experts), dropped=dropped)
+        # Counts and dropped in one tensor: a single reduction when the batch is sharded.
+        totals = self.shards.sum(torch.cat([hard_counts(indices_TK, self.num_experts), dropped.reshape(1)]))
+        stats = routing.stats._replace(counts=totals[:-1], dropped=int(totals[-1]))
         return MoEOutput(y_TD.reshape(x.shape).to(x.dtype), routing.aux_loss, stats)
+
+    def keep_within_capacity(self, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
+                             mask_T: torch.Tensor | None) -> torch.Tensor:
+        """[T, K] bool: the routed slots that fit in their expert's buffer.
+
+        Capacity and claim order are those of the whole batch: when it is sharded over processes
+        (``self.shards``), shard r's tokens come after those of shards 0..r-1.
+        """
+        num_real = indices_TK.shape[0] if mask_T is None else mask_T.sum()
+        num_real = int(self.shards.sum(torch.as_tensor(num_real, device=indices_TK.device)))
+        cap = expert_capacity(num_real, indices_TK.shape[1], self.capacity_factor, self.num_experts)
+        all_indices_TK, start = self.shards.gather(indices_TK)
+        # Only batch-prioritised routing reads the gates (it orders tokens by their top gate).
+        if self.batch_prioritized:
+            all_weights_TK = self.shards.gather(weights_TK.detach())[0]
+        else:
+            all_weights_TK = weights_TK.new_zeros(all_indices_TK.shape)
+        keep_TK = capacity_keep(all_indices_TK, all_weights_TK, self.num_experts, cap, self.batch_prioritized)
+        return keep_TK[start : start + indices_TK.shape[0]]
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, "
@@ -115,10 +138,12 @@ class HierarchicalMoE(MoE):
     def __init__(self, dim: int, num_groups: int, experts_per_group: int, k_primary: int = 2,
                  k_secondary: int = 2, hidden_dim: int | None = None, capacity_factor: float | None = None,
                  w_importance: float = 0.1, w_load: float = 0.1, noise_epsilon: float = 1e-2,
-                 activation: str = "relu", batch_prioritized: bool = False, device=None, dtype=None):
+                 activation: str = "relu", batch_prioritized: bool = False, expert_backend: str = "auto",
+                 device=None, dtype=None):
         router = HierarchicalRouter(dim, num_groups, experts_per_group, k_primary, k_secondary,
                                     noise_epsilon, w_importance, w_load, device=device, dtype=dtype)
         super().__init__(dim, num_groups * experts_per_group, k_primary * k_secondary, hidden_dim,
                          router=router, capacity_factor=capacity_factor, activation=activation,
-                         batch_prioritized=batch_prioritized, device=device, dtype=dtype)
+                         batch_prioritized=batch_prioritized, expert_backend=expert_backend,
+                         device=device, dtype=dtype)
         self.num_groups, self.experts_per_group = num_groups, experts_per_group

@@ -113,6 +113,7 @@ def finish_routing(
     load_E: torch.Tensor | None,
     extra_losses: dict[str, torch.Tensor],
     coefficients: dict[str, float],
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Routing:
     """Mask padding slots, compute importance/load/CV^2 and the weighted aux loss.
 
@@ -121,7 +122,10 @@ def finish_routing(
         weight_T: [T] 0/1 (0 = padding) or None.
         load_E: [E] smooth load, or None to use the hard count.
         extra_losses: unweighted losses beyond importance/load.
-        coefficients: loss name -> weight; losses without a coefficient are reported only.
+        coefficients: loss name -> weight; losses without a coefficient are reported only, and a
+            coefficient whose loss is absent (e.g. a training-only loss in eval) adds nothing.
+        reduce: sums a per-expert statistic over every shard of a batch split across processes
+            (``BatchShards.sum``; None: the batch is whole). A given ``load_E`` must be summed already.
     """
     if weight_T is not None:
         real_T1 = weight_T[:, None] > 0
@@ -129,12 +133,14 @@ def finish_routing(
         weights_TK = weights_TK * weight_T[:, None].to(weights_TK.dtype)
     counts_E = hard_counts(indices_TK, num_experts)
     importance_E = scatter_to_experts(indices_TK, weights_TK, num_experts)
+    if reduce is not None:  # CV^2 is not additive: reduce the sums before taking it
+        counts_E, importance_E = reduce(counts_E), reduce(importance_E)
     if load_E is None:
         load_E = counts_E.to(importance_E.dtype)
     losses = {"importance": cv_squared(importance_E), "load": cv_squared(load_E), **extra_losses}
     aux = importance_E.new_zeros(())
     for name, coef in coefficients.items():
-        if coef:
+        if coef and name in losses:
             aux = aux + coef * losses[name]
     stats = RoutingStats(importance_E, load_E, counts_E, 0, losses)
     return Routing(indices_TK, weights_TK, aux, stats)

@@ -16,6 +16,7 @@ from torch import nn
 
 from moekit.routing.base import check_router_args, check_router_input, finish_routing, register_router
 from moekit.routing.losses import batchwise_threshold_loss
+from moekit.shards import LOCAL_SHARDS
 from moekit.types import Routing
 
 
@@ -24,12 +25,15 @@ def batchwise_m(num_tokens: int, num_experts: int, k: int) -> int:
     return max(1, min(num_tokens, (k * num_tokens) // num_experts)) if num_tokens else 0
 
 
-def mask_to_routing(mask_TE: torch.Tensor, gates_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_to_routing(mask_TE: torch.Tensor, gates_TE: torch.Tensor,
+                    width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a [T, E] bool expert mask into padded ([T, K'], [T, K']) indices and weights.
 
-    K' is the largest number of experts any token got (at least 1); the remaining slots are -1.
+    K' is ``width``, by default the largest number of experts any token got (at least 1); the
+    remaining slots are -1.
     """
-    width = max(1, int(mask_TE.sum(-1).max().item())) if mask_TE.numel() else 1
+    if width is None:
+        width = max(1, int(mask_TE.sum(-1).max().item())) if mask_TE.numel() else 1
     # A stable descending sort of the 0/1 mask puts each token's chosen experts first, in index order.
     _, order_TE = torch.sort(mask_TE.to(torch.int8), dim=-1, descending=True, stable=True)
     idx_TK = order_TE[:, :width]
@@ -59,17 +63,23 @@ class BatchwiseRouter(nn.Module):
         self.w_importance, self.w_load, self.w_threshold = w_importance, w_load, w_threshold
         self.w_gate = nn.Parameter(torch.randn(dim, num_experts, device=device, dtype=dtype) * init_std)
         self.thresholds = nn.Parameter(torch.zeros(num_experts, device=device, dtype=dtype))
+        # The batch whose top-m tokens each expert takes; moekit.parallel swaps it when tokens are sharded.
+        self.shards = LOCAL_SHARDS
 
     def batch_mask(self, logits_TE: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
-        """[T, E] bool: each expert's top-m real tokens."""
-        num_real = logits_TE.shape[0] if mask_T is None else int(mask_T.sum().item())
+        """[T, E] bool: each expert's top-m real tokens of the whole batch (every shard of it)."""
+        num_real = logits_TE.shape[0] if mask_T is None else mask_T.sum()
+        num_real = int(self.shards.sum(torch.as_tensor(num_real, device=logits_TE.device)))
         m = batchwise_m(num_real, self.num_experts, self.k)
-        scores_TE = logits_TE if mask_T is None else logits_TE.masked_fill(~mask_T[:, None], float("-inf"))
-        out = torch.zeros_like(logits_TE, dtype=torch.bool)
+        scores_TE = logits_TE.detach()
+        if mask_T is not None:
+            scores_TE = scores_TE.masked_fill(~mask_T[:, None], float("-inf"))
+        all_scores_TE, start = self.shards.gather(scores_TE)
+        out = torch.zeros_like(all_scores_TE, dtype=torch.bool)
         if m:
-            top_tokens_mE = scores_TE.topk(m, dim=0).indices
+            top_tokens_mE = all_scores_TE.topk(m, dim=0).indices
             out.scatter_(0, top_tokens_mE, True)
-        return out
+        return out[start : start + logits_TE.shape[0]]
 
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
         check_router_input(x_TD, mask_T, self.dim)
@@ -79,16 +89,21 @@ class BatchwiseRouter(nn.Module):
         extra = {}
         if self.training:
             keep_TE = self.batch_mask(logits_TE, mask_T)
-            extra["threshold"] = batchwise_threshold_loss(logits_TE, thresholds_E, keep_TE, weight_T)
+            extra["threshold"] = batchwise_threshold_loss(logits_TE, thresholds_E, keep_TE, weight_T,
+                                                          self.shards.sum)
         else:
             keep_TE = logits_TE > thresholds_E
         if mask_T is not None:
             keep_TE = keep_TE & mask_T[:, None]
         probs_TE = torch.softmax(logits_TE, dim=-1) * keep_TE
         gates_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(probs_TE.dtype).tiny)
-        indices_TK, weights_TK = mask_to_routing(keep_TE, gates_TE)
+        # The widest token of the whole batch sets K', which the capacity step reads as k.
+        width_1 = keep_TE.sum(-1).max().reshape(1) if keep_TE.numel() else keep_TE.new_zeros(1, dtype=torch.long)
+        width = max(1, int(self.shards.gather(width_1)[0].max()))
+        indices_TK, weights_TK = mask_to_routing(keep_TE, gates_TE, width)
         coefs = {"importance": self.w_importance, "load": self.w_load, "threshold": self.w_threshold}
-        return finish_routing(indices_TK, weights_TK, self.num_experts, weight_T, None, extra, coefs)
+        return finish_routing(indices_TK, weights_TK, self.num_experts, weight_T, None, extra, coefs,
+                              self.shards.sum)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"

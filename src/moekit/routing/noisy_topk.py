@@ -17,6 +17,7 @@ from moekit.routing.base import (
     register_router,
     token_weights,
 )
+from moekit.shards import LOCAL_SHARDS
 from moekit.types import Routing
 
 
@@ -47,6 +48,8 @@ class NoisyTopKRouter(nn.Module):
         self.w_importance, self.w_load = w_importance, w_load
         self.w_gate = nn.Parameter(torch.zeros(dim, num_experts, device=device, dtype=dtype))
         self.w_noise = nn.Parameter(torch.zeros(dim, num_experts, device=device, dtype=dtype))
+        # The whole batch the balancing losses see; moekit.parallel swaps it when tokens are sharded.
+        self.shards = LOCAL_SHARDS
 
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
         check_router_input(x_TD, mask_T, self.dim)
@@ -60,9 +63,9 @@ class NoisyTopKRouter(nn.Module):
         load_E = None
         if top.load_prob is not None:
             prob_TE = top.load_prob if weight_T is None else top.load_prob * weight_T[:, None]
-            load_E = prob_TE.sum(0)
+            load_E = self.shards.sum(prob_TE.sum(0))
         return finish_routing(top.indices, top.gates, self.num_experts, weight_T, load_E, {},
-                              {"importance": self.w_importance, "load": self.w_load})
+                              {"importance": self.w_importance, "load": self.w_load}, self.shards.sum)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, noise_epsilon={self.noise_epsilon}"

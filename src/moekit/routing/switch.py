@@ -10,6 +10,7 @@ from torch import nn
 
 from moekit.routing.base import check_router_args, check_router_input, finish_routing, register_router
 from moekit.routing.losses import switch_loss, z_loss
+from moekit.shards import LOCAL_SHARDS
 from moekit.types import Routing
 
 
@@ -31,6 +32,7 @@ class SwitchRouter(nn.Module):
         self.dim, self.num_experts, self.k = dim, num_experts, k
         self.w_importance, self.w_load, self.w_z = w_importance, w_load, w_z
         self.w_gate = nn.Parameter(torch.randn(dim, num_experts, device=device, dtype=dtype) * init_std)
+        self.shards = LOCAL_SHARDS  # the whole batch the balancing losses see (see moekit.shards)
 
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
         check_router_input(x_TD, mask_T, self.dim)
@@ -39,10 +41,11 @@ class SwitchRouter(nn.Module):
         gates_TK, indices_TK = probs_TE.topk(self.k, dim=-1)
         weight_T = None if mask_T is None else mask_T.float()
         routed_TK = indices_TK if mask_T is None else indices_TK.masked_fill(~mask_T[:, None], -1)
-        extra = {"switch": switch_loss(probs_TE, routed_TK, self.num_experts, weight_T),
-                 "z": z_loss(logits_TE, weight_T)}
+        reduce = self.shards.sum
+        extra = {"switch": switch_loss(probs_TE, routed_TK, self.num_experts, weight_T, reduce),
+                 "z": z_loss(logits_TE, weight_T, reduce)}
         return finish_routing(indices_TK, gates_TK, self.num_experts, weight_T, None, extra,
-                              {"importance": self.w_importance, "switch": self.w_load, "z": self.w_z})
+                              {"importance": self.w_importance, "switch": self.w_load, "z": self.w_z}, reduce)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"

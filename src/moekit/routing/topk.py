@@ -16,6 +16,7 @@ from moekit.routing.base import (
     register_router,
     token_weights,
 )
+from moekit.shards import LOCAL_SHARDS
 from moekit.types import Routing
 
 
@@ -35,13 +36,14 @@ class TopKRouter(nn.Module):
         self.dim, self.num_experts, self.k = dim, num_experts, k
         self.w_importance, self.w_load = w_importance, w_load
         self.w_gate = nn.Parameter(torch.randn(dim, num_experts, device=device, dtype=dtype) * init_std)
+        self.shards = LOCAL_SHARDS  # the whole batch the balancing losses see (see moekit.shards)
 
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
         check_router_input(x_TD, mask_T, self.dim)
         clean_TE = x_TD.float() @ self.w_gate.float()
         top = noisy_top_k(clean_TE, None, self.k)
         return finish_routing(top.indices, top.gates, self.num_experts, token_weights(mask_T, x_TD), None,
-                              {}, {"importance": self.w_importance, "load": self.w_load})
+                              {}, {"importance": self.w_importance, "load": self.w_load}, self.shards.sum)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"

@@ -1,0 +1,49 @@
+# make demo: set everything up on a fresh machine and run the demo job.
+# make test: set everything up and run the test suite.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.moekit-setup
+TORCH_VERSION := 2.13.0
+# torch is pinned and installed first: an unpinned `pip install torch` on Linux pulls the CUDA build
+# and its gigabytes of libraries. Set TORCH_INDEX to take torch from another wheel index (e.g. a
+# CUDA build for a GPU machine); by default pip's configured sources are used.
+TORCH_INDEX ?=
+DEB_PACKAGES := bible-kjv sword-text-web dataset-fashion-mnist
+
+.PHONY: setup demo test lint deb-packages clean
+
+setup: $(STAMP) deb-packages
+
+# Reinstalled when pyproject.toml changes; otherwise setup is a no-op. torch comes first, from
+# TORCH_INDEX, so that installing moekit finds it already satisfied.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+# The data sets are Debian packages: installed when running as root, otherwise the command is printed.
+deb-packages:
+	@missing=""; \
+	for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update && apt-get install -y $$missing; \
+	else \
+		echo "Data packages missing:$$missing"; \
+		echo "Install them with: sudo apt-get update && sudo apt-get install -y$$missing"; \
+	fi
+
+demo: setup
+	$(BIN)/moekit demo --out runs/demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,41 @@
+"""Data sources and batching: real corpora read offline, plus token-stream batching."""
+
+from moekit.data.corpus import (
+    EOS,
+    KJV_BOOKS,
+    KJV_SPLIT,
+    UNK,
+    Corpus,
+    DataFileError,
+    MissingDataError,
+    Verse,
+    Vocab,
+    eval_batches,
+    kjv_corpus,
+    lm_batches,
+    load_kjv,
+    parse_bible_output,
+    split_verses,
+    text_file_corpus,
+    tokenize,
+)
+
+__all__ = [
+    "EOS",
+    "KJV_BOOKS",
+    "KJV_SPLIT",
+    "UNK",
+    "Corpus",
+    "DataFileError",
+    "MissingDataError",
+    "Verse",
+    "Vocab",
+    "eval_batches",
+    "kjv_corpus",
+    "lm_batches",
+    "load_kjv",
+    "parse_bible_output",
+    "split_verses",
+    "text_file_corpus",
+    "tokenize",
+]

@@ -1,0 +1,51 @@
+"""How a batch of tokens is split over processes, seen by the code that needs the whole batch.
+
+Legend: T tokens (of this shard), W shards.
+
+The balancing statistics (importance, load, counts), the per-token means inside some losses and
+the capacity step's claim order are defined on the whole batch. A router or layer that computes
+them on its own tokens calls ``shards.sum`` on every sum over tokens and ``shards.gather`` where
+it needs the other shards' rows. On one device the batch is one shard and both are identities;
+``moekit.parallel`` swaps in an object that does the same with collectives, so the single-device
+code never mentions process groups.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class BatchShards(Protocol):
+    """The shards of one batch, in shard (rank) order.
+
+    ``sum(x)``: elementwise sum of ``x`` over all shards; differentiable in ``x``.
+    ``gather(x_T)``: (the rows of ``x_T`` [T, ...] of every shard concatenated in shard order, the
+    index of this shard's first row in it); not differentiable.
+    ``count``: the number of shards.
+    """
+
+    count: int
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def gather(self, x_T: torch.Tensor) -> tuple[torch.Tensor, int]: ...
+
+
+class LocalShards:
+    """A batch held whole by one process."""
+
+    count = 1
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def gather(self, x_T: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return x_T, 0
+
+    def __repr__(self) -> str:
+        return "LocalShards()"
+
+
+LOCAL_SHARDS = LocalShards()

@@ -1,0 +1,340 @@
+"""Expert parallelism on 2 and 4 CPU processes (gloo) against the single-process layer on the gathered batch.
+
+Each spawn runs many checks and returns raw tensors; the tests below compare them. A check passes
+when the expert-parallel layer on rank r, fed rank r's tokens, gives the rows of the local layer
+run on the concatenation of every rank's tokens (rank-major), with the same aux loss and stats, and
+the same gradients: the input's and the experts' directly, the router's after summing over ranks.
+
+Noise: a noisy router in training draws ``torch.randn_like(logits)``. Both paths get their noise
+from ``token_noise``, which replaces ``randn_like`` with rows of one table per call indexed by global
+token position, so the rank holding token t draws exactly what the single process draws for t.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import time
+from datetime import timedelta
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import moekit
+from moekit.parallel import (
+    apply_expert_parallel,
+    check_same_config,
+    clip_grad_norm_,
+    full_state_dict,
+    load_distributed,
+    parallelize,
+    save_distributed,
+    spawn_local,
+    sync_gradients,
+)
+from moekit.routing.losses import hard_counts
+
+DIM, HIDDEN = 6, 5
+TIMEOUT_S = 60.0
+
+
+@contextlib.contextmanager
+def token_noise(total_tokens: int, rows: slice, seed: int):
+    """Make the i-th ``torch.randn_like(t)`` return rows ``rows`` of a [total_tokens, *t.shape[1:]] table."""
+    calls = itertools.count()
+
+    def randn_like(t, **_):
+        g = torch.Generator().manual_seed(seed * 1000 + next(calls))
+        return torch.randn((total_tokens, *t.shape[1:]), generator=g).to(t.dtype)[rows]
+
+    with mock.patch("torch.randn_like", randn_like):
+        yield
+
+
+# --- layer equivalence -------------------------------------------------------------------------------
+# tokens: tokens per rank, by world size. A 0 is an empty batch; a 1 routes to k experts only.
+CASES = {
+    "noisy-eval-dropless": dict(router="noisy_topk", train=False, tokens={2: (5, 3)}),
+    "noisy-train-dropless": dict(router="noisy_topk", train=True, tokens={2: (4, 7)}),
+    "noisy-train-capacity": dict(router="noisy_topk", train=True, cf=0.75, tokens={2: (6, 5), 4: (3, 5, 1, 4)}),
+    "topk-capacity-bpr": dict(router="topk", train=True, cf=0.75, bpr=True, tokens={2: (7, 4)}),
+    "empty-rank-capacity": dict(router="noisy_topk", train=True, cf=1.0, tokens={2: (6, 0), 4: (4, 0, 3, 2)}),
+    "idle-experts": dict(router="noisy_topk", train=False, experts=8, tokens={2: (9, 1)}),
+    "switch-masked": dict(router="switch", train=True, masked=True, tokens={2: (5, 6)}),
+    "batchwise-train-capacity": dict(router="batchwise", train=True, cf=1.0, tokens={2: (5, 7)}),
+    "hierarchical-train-bpr": dict(router="hierarchical", train=True, cf=1.0, bpr=True, tokens={2: (5, 6),
+                                                                                               4: (2, 6, 3, 5)}),
+}
+
+
+def build_layer(spec: dict) -> moekit.MoE:
+    torch.manual_seed(0)
+    kw = dict(hidden_dim=HIDDEN, capacity_factor=spec.get("cf"), batch_prioritized=spec.get("bpr", False))
+    if spec["router"] == "hierarchical":
+        moe = moekit.HierarchicalMoE(DIM, 2, 4, k_primary=2, k_secondary=2, **kw)
+    else:
+        moe = moekit.MoE(DIM, spec.get("experts", 4), k=2, router=spec["router"], **kw)
+    with torch.no_grad():  # a gate with signal, so routing is not decided by ties
+        for name, p in moe.router.named_parameters():
+            if name.startswith("w_"):
+                p.normal_(0, 0.7)
+    return moe.train(spec["train"])
+
+
+def run_layer(moe, x, mask, g, rows, total, aux_scale):
+    x = x.clone().requires_grad_()
+    with token_noise(total, rows, seed=7):
+        out = moe(x, mask)
+    ((out.y * g).sum() + out.aux_loss * aux_scale).backward()
+    return out, x.grad
+
+
+def layer_case(rank: int, world: int, name: str) -> dict:
+    spec = CASES[name]
+    sizes = spec["tokens"][world]
+    total, start = sum(sizes), sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+    gen = torch.Generator().manual_seed(3)
+    x_all, g_all = torch.randn(total, DIM, generator=gen), torch.randn(total, DIM, generator=gen)
+    mask_all = torch.rand(total, generator=gen) > 0.3 if spec.get("masked") else None
+    full = build_layer(spec)
+    ep = apply_expert_parallel(copy.deepcopy(full))
+    ref, ref_gx = run_layer(full, x_all, mask_all, g_all, slice(None), total, 1.0)
+    out, gx = run_layer(ep, x_all[rows], None if mask_all is None else mask_all[rows], g_all[rows], rows, total,
+                        1.0 / world)
+    with token_noise(total, slice(None), seed=7):  # which experts rank r's own tokens chose
+        routed = full.route(x_all, mask_all).indices[rows]
+    lo, hi = ep.dispatcher.first_expert, ep.dispatcher.first_expert + ep.dispatcher.local_experts
+    router_grads = {}
+    for n, p in ep.router.named_parameters():  # an unused parameter (w_noise in eval) counts as 0
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(grad)
+        want = full.router.get_parameter(n).grad
+        router_grads[n] = (grad, torch.zeros_like(p) if want is None else want)
+    return {
+        "y": (out.y, ref.y[rows]), "x_grad": (gx, ref_gx[rows]), "aux": (out.aux_loss, ref.aux_loss),
+        "stats": (out.stats, ref.stats), "router_grads": router_grads,
+        "expert_grads": {n: (p.grad, full.experts.get_parameter(n).grad[lo:hi])
+                         for n, p in ep.experts.named_parameters()},
+        "local_counts": hard_counts(routed, full.num_experts),
+    }
+
+
+# --- training, checkpoints, failures -----------------------------------------------------------------
+VOCAB, BATCH, SEQ, STEPS = 13, 2, 3, 3
+
+
+class TinyLM(nn.Module):
+    """Embedding -> LSTM -> MoE -> hierarchical MoE -> logits, residual around each MoE."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.moe = moekit.MoE(8, 4, k=2, hidden_dim=6)
+        self.hmoe = moekit.HierarchicalMoE(8, 2, 2, k_primary=2, k_secondary=1, hidden_dim=6)
+        self.out = nn.Linear(8, VOCAB)
+        with torch.no_grad():
+            for n, p in self.named_parameters():
+                if "router.w_" in n:
+                    p.normal_(0, 0.5)
+
+    def forward(self, tokens):
+        h, _ = self.lstm(self.embed(tokens))
+        a = self.moe(h)
+        h = h + a.y
+        b = self.hmoe(h)
+        return self.out(h + b.y), a.aux_loss + b.aux_loss
+
+
+def batches(step: int, world: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return list(torch.randint(0, VOCAB, (world * BATCH, SEQ + 1), generator=gen).split(BATCH))
+
+
+def train_step(model, opt, tokens, rows, total, step, distributed):
+    """Mean next-token loss + aux; returns the loss of the whole batch (mean over ranks)."""
+    with token_noise(total, rows, seed=step):
+        logits, aux = model(tokens[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)) + aux
+    opt.zero_grad()
+    loss.backward()
+    if distributed:
+        sync_gradients(model)
+        clip_grad_norm_(model, 0.5)
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)
+        loss /= dist.get_world_size()
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    opt.step()
+    return loss.item()
+
+
+def train_ep(rank: int, world: int, steps: range, model, opt):
+    """Train the expert-parallel model on rank r's batch of each step; returns losses."""
+    rows = slice(rank * BATCH * SEQ, (rank + 1) * BATCH * SEQ)
+    return [train_step(model, opt, batches(s, world)[rank], rows, world * BATCH * SEQ, s, True) for s in steps]
+
+
+def train_local(world: int, steps: range, model, opt):
+    """The same steps in one process on the union of the ranks' batches."""
+    return [train_step(model, opt, torch.cat(batches(s, world)), slice(None), world * BATCH * SEQ, s, False)
+            for s in steps]
+
+
+def errors_of(fn) -> str:
+    try:
+        fn()
+    except (ValueError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def two_rank_run(rank: int, world: int, ckpt_1: str, ckpt_2: str) -> dict:
+    res = {"layer": {name: layer_case(rank, world, name) for name, spec in CASES.items() if world in spec["tokens"]}}
+    res["bad_config"] = errors_of(lambda: check_same_config(TinyLM(0) if rank == 0 else nn.Linear(2, 2)))
+    res["bad_split"] = errors_of(lambda: apply_expert_parallel(moekit.MoE(4, 3, k=2)))
+
+    model = parallelize(TinyLM(seed=0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    res["ep_losses"] = train_ep(rank, world, range(STEPS), model, opt)
+    ref = TinyLM(seed=0)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
+    res["local_losses"] = train_local(world, range(STEPS), ref, ref_opt)
+    save_distributed(ckpt_2, model, opt)
+    res["saved_state"] = {k: v.clone() for k, v in full_state_dict(model).items()}  # training goes on
+    train_ep(rank, world, range(STEPS, STEPS + 1), model, opt)
+    res["after_extra_step"] = full_state_dict(model)
+    train_local(world, range(STEPS, STEPS + 1), ref, ref_opt)
+    res["local_after_extra_step"] = ref.state_dict()
+
+    single = parallelize(TinyLM(seed=5))  # a single-process checkpoint into an expert-parallel model
+    load_distributed(ckpt_1, single)
+    res["from_single"] = full_state_dict(single)
+
+    # A collective one rank never joins must fail with a timeout, not hang.
+    group = dist.new_group(timeout=timedelta(seconds=2))
+    if rank == 0:
+        t0 = time.monotonic()
+        res["timeout"] = errors_of(lambda: dist.all_reduce(torch.ones(1), group=group))
+        res["timeout_s"] = time.monotonic() - t0
+    return res
+
+
+def four_rank_run(rank: int, world: int, ckpt_2: str, ckpt_4: str) -> dict:
+    res = {"layer": {name: layer_case(rank, world, name) for name, spec in CASES.items() if world in spec["tokens"]}}
+    model = parallelize(TinyLM(seed=6))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    load_distributed(ckpt_2, model, opt)
+    res["loaded_state"] = full_state_dict(model)
+    save_distributed(ckpt_4, model, opt)
+    return res
+
+
+def dying_rank(rank: int, world: int) -> None:
+    if rank == 1:
+        raise RuntimeError("rank 1 gives up")
+    dist.all_reduce(torch.ones(1))
+
+
+# --- the tests ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One 2-rank spawn, one 4-rank spawn, and a single-process load, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("ep")
+    ckpt_1, ckpt_2, ckpt_4 = (str(tmp / n) for n in ("ckpt1", "ckpt2", "ckpt4"))
+    save_distributed(ckpt_1, TinyLM(seed=4))
+    two = spawn_local(two_rank_run, 2, (ckpt_1, ckpt_2), timeout_s=TIMEOUT_S)
+    four = spawn_local(four_rank_run, 4, (ckpt_2, ckpt_4), timeout_s=TIMEOUT_S)
+    single = TinyLM(seed=7)
+    opt = torch.optim.SGD(single.parameters(), lr=0.2, momentum=0.9)
+    load_distributed(ckpt_4, single, opt)
+    loaded_on_1 = copy.deepcopy(single.state_dict())
+    train_local(2, range(STEPS, STEPS + 1), single, opt)
+    return {2: two, 4: four, "loaded_on_1": loaded_on_1, "single_after_extra_step": single.state_dict()}
+
+
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def assert_pair(pair, what):
+    got, want = pair
+    torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{what}: {m}")
+
+
+LAYER_RUNS = [(w, name) for name, spec in CASES.items() for w in sorted(spec["tokens"])]
+
+
+@pytest.mark.parametrize("world,name", LAYER_RUNS, ids=[f"{n}-w{w}" for w, n in LAYER_RUNS])
+def test_expert_parallel_layer_equals_local_layer_on_gathered_batch(runs, world, name):
+    for rank, res in enumerate(runs[world]):
+        case = res["layer"][name]
+        where = f"{name}, rank {rank} of {world}"
+        assert_pair(case["y"], f"output ({where})")
+        assert_pair(case["x_grad"], f"input gradient ({where})")
+        assert_pair(case["aux"], f"aux loss ({where})")
+        got, want = case["stats"]
+        assert_pair((got.importance, want.importance), f"importance ({where})")
+        assert_pair((got.load, want.load), f"load ({where})")
+        assert got.counts.tolist() == want.counts.tolist(), where
+        assert got.dropped == want.dropped, where
+        assert got.losses.keys() == want.losses.keys()
+        for key in got.losses:
+            assert_pair((got.losses[key], want.losses[key]), f"loss {key} ({where})")
+        for n, pair in {**case["router_grads"], **case["expert_grads"]}.items():
+            assert_pair(pair, f"gradient of {n} ({where})")
+        if CASES[name].get("cf", 1.0) < 1.0:
+            assert got.dropped > 0, "capacity below 1 must drop something, or this case tests nothing"
+
+
+def test_cases_cover_empty_batches_and_idle_experts(runs):
+    assert runs[2][1]["layer"]["idle-experts"]["local_counts"].eq(0).any()  # rank 1 sends no token to some expert
+    assert runs[2][1]["layer"]["empty-rank-capacity"]["y"][0].shape == (0, DIM)
+
+
+def test_training_steps_match_single_process_training_on_the_union_of_batches(runs):
+    for res in runs[2]:
+        assert res["ep_losses"] == pytest.approx(res["local_losses"], rel=1e-5)
+        assert len(set(res["ep_losses"])) == STEPS  # the model did train
+    for key, value in runs[2][0]["local_after_extra_step"].items():
+        assert_pair((runs[2][0]["after_extra_step"][key], value), f"parameter {key} after training")
+
+
+def test_checkpoint_resharding_round_trips(runs):
+    saved = runs[2][0]["saved_state"]
+    for rank, res in enumerate(runs[4]):  # saved on 2 ranks, loaded on 4
+        for key, value in saved.items():
+            assert torch.equal(res["loaded_state"][key], value), f"{key} on rank {rank} of 4"
+    for key, value in saved.items():  # saved on 4 ranks, loaded in one process
+        assert torch.equal(runs["loaded_on_1"][key], value), key
+    # The optimizer state travelled too: one more step from it matches the uninterrupted run.
+    for key, value in runs[2][0]["after_extra_step"].items():
+        assert_pair((runs["single_after_extra_step"][key], value), f"{key} after resuming on 1 process")
+
+
+def test_single_process_checkpoint_loads_into_expert_parallel_model(runs):
+    want = TinyLM(seed=4).state_dict()
+    for res in runs[2]:
+        for key, value in want.items():
+            assert torch.equal(res["from_single"][key], value), key
+
+
+def test_failures_are_loud(runs):
+    first = runs[2][0]
+    assert "rank 1" in first["bad_config"] and first["bad_config"].startswith("ValueError")
+    assert "num_experts=3" in first["bad_split"] and "world size 2" in first["bad_split"]
+    assert first["timeout"].startswith("RuntimeError") and first["timeout_s"] < 30
+
+
+def test_a_dying_rank_ends_every_rank_with_an_error():
+    with pytest.raises(RuntimeError) as info:
+        spawn_local(dying_rank, 2, timeout_s=10.0)
+    message = str(info.value)
+    assert "2 of 2 ranks failed" in message and "rank 1 gives up" in message

@@ -1,0 +1,156 @@
+"""The MoE layer's contract: shapes, dtypes, masks, stats and errors."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moekit
+
+
+def test_output_is_a_named_tuple_with_documented_fields():
+    moe = moekit.MoE(dim=8, num_experts=4, k=2, hidden_dim=16)
+    x = torch.randn(2, 3, 8)
+    out = moe(x)
+    y, aux_loss, stats = out
+    assert isinstance(out, moekit.MoEOutput) and y is out.y
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert aux_loss.shape == ()
+    assert isinstance(stats, moekit.RoutingStats)
+    assert stats.importance.shape == (4,) and stats.load.shape == (4,)
+    assert stats.counts.dtype == torch.long and stats.counts.sum().item() == 12
+    assert isinstance(stats.dropped, int) and stats.dropped == 0
+    assert set(stats.losses) == {"importance", "load"}
+
+
+def test_parameter_layout_matches_contract():
+    moe = moekit.MoE(dim=8, num_experts=4, k=2, hidden_dim=16)
+    e = moe.experts
+    assert (e.w1.shape, e.b1.shape, e.w2.shape, e.b2.shape) == ((4, 8, 16), (4, 16), (4, 16, 8), (4, 8))
+    assert moe.router.w_gate.shape == (8, 4) and moe.router.w_noise.shape == (8, 4)
+
+
+def test_device_and_dtype_arguments_including_meta():
+    moe = moekit.MoE(8, 4, 2, 16, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in moe.parameters())
+    big = moekit.MoE(1024, 512, 4, 4096, device="meta")
+    assert big.experts.w1.is_meta and big.experts.w1.shape == (512, 1024, 4096)
+
+
+def test_router_runs_in_float32_under_autocast():
+    moe = moekit.MoE(8, 4, 2, 16)
+    x = torch.randn(6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(x)
+    assert out.stats.importance.dtype == torch.float32 and out.aux_loss.dtype == torch.float32
+    assert out.y.dtype == torch.float32  # same dtype as the input
+
+
+def test_bfloat16_layer_keeps_dtype():
+    moe = moekit.MoE(8, 4, 2, 16, dtype=torch.bfloat16)
+    x = torch.randn(5, 8, dtype=torch.bfloat16)
+    out = moe(x)
+    assert out.y.dtype == torch.bfloat16 and torch.isfinite(out.y.float()).all()
+
+
+def test_capacity_drops_are_reported():
+    moe = moekit.MoE(8, 4, k=2, hidden_dim=16, router="topk", capacity_factor=0.5)
+    out = moe(torch.randn(40, 8))
+    cap = 10  # ceil(40 * 2 * 0.5 / 4)
+    assert (out.stats.counts <= cap).all()
+    assert out.stats.counts.sum().item() + out.stats.dropped == 80
+    assert out.stats.dropped >= 40
+
+
+@settings(max_examples=20, deadline=None)
+@given(router=st.sampled_from(["noisy_topk", "topk", "switch"]), cf=st.sampled_from([None, 1.0]),
+       seed=st.integers(0, 1000), n_pad=st.integers(1, 5))
+def test_masked_tokens_change_neither_other_outputs_nor_stats(router, cf, seed, n_pad):
+    # Appending padding tokens with arbitrary values must leave the real tokens' outputs, the
+    # aux loss and every statistic as they are without them (eval: no noise draw to disturb).
+    torch.manual_seed(seed)
+    moe = moekit.MoE(6, 4, k=2, hidden_dim=8, router=router, capacity_factor=cf, dtype=torch.float64).eval()
+    with torch.no_grad():
+        moe.router.w_gate.normal_()
+    real = torch.randn(7, 6, dtype=torch.float64)
+    pad = torch.randn(n_pad, 6, dtype=torch.float64) * 100
+    alone = moe(real)
+    padded = moe(torch.cat([real, pad]), mask=torch.arange(7 + n_pad) < 7)
+    torch.testing.assert_close(padded.y[:7], alone.y)
+    assert (padded.y[7:] == 0).all()
+    torch.testing.assert_close(padded.aux_loss, alone.aux_loss)
+    for a, b in zip(padded.stats[:3], alone.stats[:3], strict=True):
+        torch.testing.assert_close(a, b)
+    assert padded.stats.dropped == alone.stats.dropped
+
+
+def test_masked_padding_gets_no_gradient_in_training():
+    moe = moekit.MoE(6, 4, k=2, hidden_dim=8).train()
+    x = torch.randn(2, 5, 6, requires_grad=True)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    out = moe(x, mask)
+    (out.y.sum() + out.aux_loss).backward()
+    assert (x.grad[~mask] == 0).all() and (x.grad[mask] != 0).any()
+
+
+def test_torch_compile_matches_eager():
+    moe = moekit.MoE(8, 4, k=2, hidden_dim=16, router="topk").eval()
+    x = torch.randn(12, 8)
+    compiled = torch.compile(moe, backend="eager")
+    torch.testing.assert_close(compiled(x).y, moe(x).y)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"k": 5}, ValueError, "k=5 exceeds num_experts=4"),
+        ({"router": "nope"}, ValueError, "unknown router 'nope'"),
+        ({"router": 3}, TypeError, "router must be a registered name or an nn.Module"),
+        ({"capacity_factor": 0.0}, ValueError, "capacity_factor=0.0"),
+        ({"activation": "tanh"}, ValueError, "activation='tanh'"),
+        ({"hidden_dim": 0}, ValueError, "hidden_dim=0"),
+    ],
+)
+def test_constructor_errors_name_the_bad_value(kwargs, exc, match):
+    args = {"dim": 8, "num_experts": 4, "k": 2, "hidden_dim": 16, **kwargs}
+    with pytest.raises(exc, match=match):
+        moekit.MoE(**args)
+
+
+def test_forward_errors_name_the_bad_value():
+    moe = moekit.MoE(8, 4, 2, 16)
+    with pytest.raises(ValueError, match=r"last dimension must be dim=8, got shape \(2, 3, 7\)"):
+        moe(torch.randn(2, 3, 7))
+    with pytest.raises(TypeError, match="floating point, got dtype=torch.int32"):
+        moe(torch.ones(3, 8, dtype=torch.int32))
+    x = torch.randn(2, 3, 8)
+    x[1, 0, 5] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        moe(x)
+    with pytest.raises(ValueError, match=r"mask shape \(2, 4\) must equal .* \(2, 3\)"):
+        moe(torch.randn(2, 3, 8), mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        moe(torch.randn(2, 3, 8), mask=torch.ones(2, 3))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        moe([[0.0] * 8])
+
+
+def test_hierarchical_errors_and_shapes():
+    with pytest.raises(ValueError, match="k=3 exceeds num_experts=2"):
+        moekit.HierarchicalMoE(8, num_groups=2, experts_per_group=4, k_primary=3)
+    h = moekit.HierarchicalMoE(8, num_groups=2, experts_per_group=4, hidden_dim=8)
+    out = h(torch.randn(3, 4, 8))
+    assert out.y.shape == (3, 4, 8) and out.stats.counts.shape == (8,)
+
+
+def test_torch_compile_inductor_matches_eager_in_eval():
+    # Inductor draws its own random numbers, so noisy routing in training differs by design;
+    # in eval the compiled layer must reproduce eager exactly (up to float rounding).
+    moe = moekit.MoE(16, 4, k=2, hidden_dim=32).eval()
+    with torch.no_grad():
+        moe.router.w_gate.normal_()
+    x = torch.randn(24, 16)
+    compiled = torch.compile(moe)
+    out, ref = compiled(x), moe(x)
+    torch.testing.assert_close(out.y, ref.y, rtol=1e-4, atol=1e-5)
+    assert out.stats.counts.tolist() == ref.stats.counts.tolist()
