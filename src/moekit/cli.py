@@ -40,6 +40,11 @@ JOBS: dict[str, Job] = {
         "moekit.bench",
         "runs/bench",
     ),
+    "patterns": Job(
+        "SPMoE: K distinct outputs per input, against top-K beam search, K samples and hMoEup",
+        "moekit.patterns.job",
+        "runs/patterns",
+    ),
 }
 
 

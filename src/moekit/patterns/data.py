@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,11 +18,12 @@ from typing import NamedTuple
 
 import torch
 
+from moekit.data import DataFileError, tokenize
+
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
-_TOKEN_RE = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
 
 
-class PairDataError(ValueError):
+class PairDataError(DataFileError):
     """A pair data file cannot be used; the message names the file and the line."""
 
 
@@ -32,13 +32,9 @@ class Example(NamedTuple):
     targets: list[str]
 
 
-def tokenize(text: str) -> list[str]:
-    """Lower-cased words (inner apostrophes kept) and single punctuation marks."""
-    return _TOKEN_RE.findall(text.lower())
-
-
 def normalize(text: str) -> str:
-    """The text as the models see it: tokens joined by single spaces (what metrics compare)."""
+    """The text as the models see it (``moekit.data.tokenize``: lower-cased words and punctuation
+    marks) joined by single spaces: what the metrics compare."""
     return " ".join(tokenize(text))
 
 
