@@ -60,8 +60,10 @@ class SPMoEConfig:
     """False: plain hard EM with a uniform prior (the winner is the lowest loss)."""
     learned_prior: bool = True
     """Train p(z | x) to rank the outputs at inference."""
-    adapter_init_std: float = 0.02
-    """Heads start as the shared output path plus noise of this relative size: alike, but not tied."""
+    adapter_init_std: float = 0.1
+    """Heads start as the shared output path plus noise of this relative size: alike, but not tied.
+    On KJV -> WEB (cpu-small, 1000 steps) 0.02 let the heads drift back together (pairwise BLEU 85);
+    0.1 kept them apart (78) at a better oracle BLEU, with balanced usage."""
 
     def __post_init__(self) -> None:
         if isinstance(self.patterns, bool) or not isinstance(self.patterns, int) or self.patterns < 1:
@@ -79,7 +81,7 @@ class PatternHeads(nn.Module):
     ``adapter``: logits = project(h @ W_k + b_k), W_k [D, D]; ``full``: logits = h @ W_k + b_k, W_k [D, V].
     """
 
-    def __init__(self, backbone: Seq2Seq, patterns: int, kind: str = "adapter", adapter_init_std: float = 0.02,
+    def __init__(self, backbone: Seq2Seq, patterns: int, kind: str = "adapter", adapter_init_std: float = 0.1,
                  device=None, dtype=None):
         super().__init__()
         if kind not in HEAD_KINDS:
