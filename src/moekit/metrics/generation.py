@@ -45,7 +45,9 @@ def corpus_bleu(hypotheses: Sequence[str], references: References, tokenize: str
     """Multi-reference corpus BLEU of one hypothesis per input."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} reference lists")
-    return float(BLEU(tokenize=tokenize).corpus_score(list(hypotheses), _ref_streams(references)).score)
+    # force: text given as word tokens ("none") is tokenized on purpose; no warning about it.
+    bleu = BLEU(tokenize=tokenize, force=tokenize == "none")
+    return float(bleu.corpus_score(list(hypotheses), _ref_streams(references)).score)
 
 
 def sentence_bleu(hypothesis: str, references: Sequence[str], tokenize: str = "13a") -> float:

@@ -16,6 +16,8 @@ follow Shen et al. 2019 (hard mixtures for diverse translation), see PAPERS.md Â
   predict that choice under the core library's balancing losses (CV^2 of importance and of the
   smooth load). While the heads are still alike their losses nearly tie and the balanced gate
   decides, which spreads pairs over all patterns; once the heads differ, the likelihood decides.
+* A per-batch capacity (the capacity factor of the core dispatchers, pairs placed in order of
+  confidence as in batch-prioritised routing) guarantees that every pattern keeps training.
 * An optional learned prior p(z | x) (mean-pooled encoder -> tanh -> linear, as in Shen et al.)
   ranks the K outputs at inference, when no target is known.
 The gate and the prior read detached features, so only the likelihood shapes the backbone.
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.dispatch.capacity import expert_capacity
 from moekit.models.decoding import beam_search, greedy_decode
 from moekit.models.seq2seq import Seq2Seq, sequence_nll
 from moekit.patterns.data import PairBatch
@@ -56,6 +59,16 @@ class SPMoEConfig:
     """gamma in ``z = argmax_k gamma * log q_k(x, y) - nll_k``: how many nats of sequence likelihood
     the gate's preference is worth. Small values let the gate break near-ties only."""
     noise_epsilon: float = 1e-2
+    assign_with_noise: bool = False
+    """Let the gate's training noise into the assignment, or assign by its clean logits. The noise
+    balances the patterns by making assignments partly random, which also trains every head on much
+    the same pairs: on KJV -> WEB the heads then stayed alike (pairwise BLEU 81, beam search 78)."""
+    capacity_factor: float | None = 1.25
+    """None: each pair goes to its best pattern. Otherwise each pattern takes at most
+    ``ceil(capacity_factor * B / K)`` pairs of a batch; pairs claim places in order of confidence
+    (their score margin), and a pair whose best pattern is full takes its next best. This is the
+    hard guarantee that no pattern starves; without it or the noise one head took 95% of the
+    KJV -> WEB pairs."""
     use_gate: bool = True
     """False: plain hard EM with a uniform prior (the winner is the lowest loss)."""
     learned_prior: bool = True
@@ -70,6 +83,9 @@ class SPMoEConfig:
             raise ValueError(f"patterns={self.patterns!r} must be a positive int")
         if self.head not in HEAD_KINDS:
             raise ValueError(f"head={self.head!r} is not one of {HEAD_KINDS}")
+        if self.capacity_factor is not None and self.capacity_factor < 1.0:
+            raise ValueError(f"capacity_factor={self.capacity_factor} must be >= 1 (or None): "
+                             "below 1 some pairs would find no pattern")
         if min(self.w_importance, self.w_load, self.noise_epsilon, self.gate_weight) < 0:
             raise ValueError(f"w_importance={self.w_importance}, w_load={self.w_load}, gate_weight={self.gate_weight} "
                              f"and noise_epsilon={self.noise_epsilon} must be >= 0")
@@ -164,6 +180,28 @@ class SourcePrior(nn.Module):
         return torch.log_softmax(self.out(torch.tanh(self.hidden(pooled_BD))).float(), dim=-1)
 
 
+def capacity_assign(score_BK: torch.Tensor, capacity: int) -> torch.Tensor:
+    """[B] one pattern per pair, at most ``capacity`` pairs per pattern, greedy by confidence.
+
+    Pairs are taken in order of the margin between their best and second-best score (the most
+    decided first, as batch-prioritised routing orders tokens), each placed at its best pattern
+    that still has room. Needs ``capacity * K >= B``.
+    """
+    B, K = score_BK.shape
+    if capacity * K < B:
+        raise ValueError(f"capacity={capacity} for {K} patterns cannot hold {B} pairs")
+    top2 = score_BK.topk(min(2, K), dim=1).values
+    margin_B = top2[:, 0] - top2[:, -1]
+    prefs_BK = score_BK.argsort(dim=1, descending=True).tolist()
+    room = [capacity] * K
+    out = [0] * B
+    for b in torch.argsort(margin_B, descending=True, stable=True).tolist():
+        k = next(k for k in prefs_BK[b] if room[k] > 0)
+        room[k] -= 1
+        out[b] = k
+    return torch.tensor(out, dtype=torch.long, device=score_BK.device)
+
+
 def masked_mean(x_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
     m = mask_BL.to(x_BLD.dtype)[..., None]
     return (x_BLD * m).sum(1) / m.sum(1).clamp_min(1.0)
@@ -243,8 +281,13 @@ class SPMoE(nn.Module):
             return nll_BK.argmin(1), {}
         clean_BK, noise_std_BK = self.gate(feat_B2D)
         noisy_BK = clean_BK if noise_std_BK is None else clean_BK + torch.randn_like(clean_BK) * noise_std_BK
-        score_BK = self.cfg.gate_weight * torch.log_softmax(noisy_BK.detach(), dim=-1) - nll_BK.float()
-        assignment_B = score_BK.argmax(1)
+        prior_BK = noisy_BK if self.cfg.assign_with_noise else clean_BK
+        score_BK = self.cfg.gate_weight * torch.log_softmax(prior_BK.detach(), dim=-1) - nll_BK.float()
+        if self.cfg.capacity_factor is None:
+            assignment_B = score_BK.argmax(1)
+        else:
+            cap = expert_capacity(score_BK.shape[0], 1, self.cfg.capacity_factor, self.patterns)
+            assignment_B = capacity_assign(score_BK, cap)
         return assignment_B, gate_losses(clean_BK, noise_std_BK, noisy_BK, assignment_B)
 
     def loss(self, batch: PairBatch) -> SPMoELoss:

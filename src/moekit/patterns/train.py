@@ -59,7 +59,7 @@ PRESETS: dict[str, Preset] = {
                    checkpoint_every=10),
     # The synthetic set with K known patterns: a few minutes on one CPU thread.
     "synthetic": Preset(dim=64, heads=4, layers=2, ffn_dim=256, dropout=0.1, batch_size=32, lr=3e-3, warmup=50,
-                        steps=1500, vocab_size=100, max_len=12, max_words=None, eval_sources=100,
+                        steps=2500, vocab_size=100, max_len=12, max_words=None, eval_sources=100,
                         synthetic_examples=1000, checkpoint_every=250),
     # KJV -> WEB, every model in about 15 minutes on one CPU thread.
     "cpu-small": Preset(dim=128, heads=4, layers=2, ffn_dim=256, dropout=0.1, batch_size=32, lr=2e-3, warmup=100,

@@ -8,7 +8,7 @@ import torch
 from moekit.models.seq2seq import Seq2Seq, Seq2SeqConfig, sequence_nll
 from moekit.patterns.baselines import HardMixture, SingleModel
 from moekit.patterns.data import Vocab, encode_pairs, make_batch, synthetic_examples
-from moekit.patterns.spmoe import PatternHeads, SPMoE, SPMoEConfig, gate_losses
+from moekit.patterns.spmoe import PatternHeads, SPMoE, SPMoEConfig, capacity_assign, gate_losses
 from moekit.routing.losses import cv_squared
 
 K = 3
@@ -118,6 +118,7 @@ def test_gate_losses_by_hand():
 
 def test_gate_starts_uniform_and_joins_the_likelihood_in_the_assignment():
     model, _, batch = _setup()
+    model.cfg.capacity_factor = None  # two pairs: a capacity would force them apart
     nll = torch.tensor([[5.0, 5.1, 9.0], [5.0, 5.1, 9.0]])
     feat = torch.zeros(2, 32)
     model.eval()  # no noise: the gate is uniform at initialisation, so the lowest loss wins
@@ -170,3 +171,26 @@ def test_single_model_k_outputs_by_beam_and_by_sampling():
     assert all(len(o) == K for o in samples)
     with pytest.raises(ValueError, match="mode='topk'"):
         single.generate(batch.src[:3], K, vocab.bos_id, vocab.eos_id, 5, mode="topk")
+
+
+def test_capacity_assignment_by_hand():
+    # Every pair prefers pattern 0; margins 3, 1, 2, 0.5. Capacity 2: the two most decided pairs
+    # (0 and 2) keep pattern 0, the others take their next best, pattern 1.
+    score = torch.tensor([[3.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.5, 0.0]])
+    assert capacity_assign(score, 2).tolist() == [0, 1, 0, 1]
+    # Enough room: the plain argmax.
+    mixed = torch.tensor([[0.0, 1.0, 0.2], [2.0, 0.0, 0.1], [0.0, 0.1, 3.0]])
+    assert capacity_assign(mixed, 3).tolist() == mixed.argmax(1).tolist()
+    with pytest.raises(ValueError, match="capacity=1 for 2 patterns cannot hold 4 pairs"):
+        capacity_assign(score, 1)
+
+
+def test_capacity_keeps_a_skewed_batch_balanced():
+    model, _, batch = _setup(use_gate=True)
+    model.cfg.capacity_factor = 1.0
+    nll = torch.zeros(12, K)
+    nll[:, 1] = -5.0  # every pair fits pattern 1 far better
+    a, _ = model.assign(nll, torch.zeros(12, 32))
+    assert torch.bincount(a, minlength=K).tolist() == [4, 4, 4]
+    with pytest.raises(ValueError, match="capacity_factor=0.5"):
+        SPMoEConfig(capacity_factor=0.5)
