@@ -50,6 +50,11 @@ JOBS: dict[str, Job] = {
         "moekit.jobs.lm",
         "runs/lm",
     ),
+    "patterns": Job(
+        "SPMoE: K distinct outputs per input, against top-K beam search, K samples and hMoEup",
+        "moekit.patterns.job",
+        "runs/patterns",
+    ),
 }
 
 
