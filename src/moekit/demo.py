@@ -16,9 +16,7 @@ import dataclasses
 import math
 import platform
 import random
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +50,7 @@ from moekit.train.outdir import (
     write_json,
     write_text,
 )
+from moekit.train.stop import StopRequest
 
 
 @dataclass(frozen=True)
@@ -206,34 +205,6 @@ def evaluate(model: DemoLM, batches, device: torch.device) -> EvalResult:
     )
 
 
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step.
-
-    Stopping between steps (rather than wherever the signal lands, e.g. halfway through an
-    optimizer update) is what lets the checkpoint written on the way out hold only whole steps.
-    A second signal interrupts at once.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
 def _checkpoint(out: Path, model: DemoLM, opt: torch.optim.Optimizer, state: dict, vocab: Vocab) -> None:
     save_checkpoint(
         checkpoint_path(out, state["step"]),
@@ -298,7 +269,7 @@ def train(
         file=sys.stderr,
     )
     session_start, session_steps = time.perf_counter(), 0
-    with _StopRequest() as stop, bar:
+    with StopRequest() as stop, bar:
         while state["step"] < cfg.steps:
             t0 = time.perf_counter()
             ce = _train_step(model, opt, *next(batches), device)

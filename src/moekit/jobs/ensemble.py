@@ -22,9 +22,7 @@ import argparse
 import dataclasses
 import math
 import platform
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from moekit.metrics.flops import routed_flops_per_example
 from moekit.models.vit_moe import ViTConfig, ViTMoE, VMoEConfig
 from moekit.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from moekit.train.outdir import ConfigError, checkpoint_path, prepare_out_dir, prune_checkpoints
+from moekit.train.stop import StopRequest
 
 MODELS = ("dense", "vmoe", "e3", "deep-ensemble", "e3-init")
 
@@ -235,32 +234,6 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 # --- training -----------------------------------------------------------------------------------------
-
-
-class StopRequest:
-    """SIGINT/SIGTERM ask to stop after the current step, so the checkpoint holds whole steps only.
-
-    A second signal interrupts at once.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 def train_run(spec: RunSpec, model: ViTMoE, tensors: Tensors, cfg: EnsembleConfig, job: dict,

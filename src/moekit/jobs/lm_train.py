@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moekit.data import eval_batches, lm_batches
-from moekit.demo import _StopRequest as StopRequest
 from moekit.models.lstm_lm import LSTMLM
 from moekit.routing.losses import cv_squared
+from moekit.train.stop import StopRequest
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,7 @@ import argparse
 import dataclasses
 import json
 import platform
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +61,7 @@ from moekit.train.outdir import (
     write_json,
     write_text,
 )
+from moekit.train.stop import StopRequest
 
 SYNTHETIC = "synthetic"
 
@@ -113,29 +112,6 @@ def _checkpoint(out: Path, cfg: PatternsConfig, state: dict[str, Any]) -> None:
     prune_checkpoints(out, keep=1)
 
 
-class _StopRequest:
-    """SIGINT/SIGTERM ask to stop after the current step, so the checkpoint then written holds
-    only whole steps (not an optimiser update cut in half). A second signal stops at once."""
-
-    def __init__(self) -> None:
-        self.requested, self._old = False, {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
 def train_network(name: str, cfg: PatternsConfig, state: dict[str, Any], pairs: EncodedPairs, vocab: Vocab,
                   out: Path, device, quiet: bool) -> torch.nn.Module:
     """Train (or finish training) one network; ``state`` is the run's checkpointable state."""
@@ -159,7 +135,7 @@ def train_network(name: str, cfg: PatternsConfig, state: dict[str, Any], pairs: 
     hist, steps = state["history"][name], cfg.sizes.steps
     bar = tqdm(total=steps, initial=state["step"], desc=name, unit="step", disable=quiet, dynamic_ncols=True,
                file=sys.stderr)
-    with _StopRequest() as stop, bar:
+    with StopRequest() as stop, bar:
         while state["step"] < steps:
             t0 = time.perf_counter()
             nll, assign = train_step(net, opt, sched, pairs, vocab, cfg.sizes, cfg.seed, state["step"], device)
