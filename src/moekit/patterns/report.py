@@ -91,7 +91,7 @@ Data: {info['data']} ({info['train_pairs']:,} training pairs, {info['test_inputs
 vocabulary {info['vocab_size']:,} words). Preset `{cfg['preset']}`: transformer encoder-decoder of width
 {cfg['sizes']['dim']}, {cfg['sizes']['layers']}+{cfg['sizes']['layers']} layers; every network trained
 {cfg['sizes']['steps']} steps of {cfg['sizes']['batch_size']} pairs on {info['device']}
-({info['threads']} threads). Beam {cfg['beam']}; SPMoE heads `{cfg['spmoe']['head']}`.
+(torch threads: {info['threads']}). Beam {cfg['beam']}; SPMoE heads `{cfg['spmoe']['head']}`.
 
 Each model gives K outputs per input: SPMoE one per pattern head, hMoEup one per `<expert_i>` start
 token (each with its own beam search), the single model its top-K beam hypotheses or K ancestral
