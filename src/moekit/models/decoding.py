@@ -127,6 +127,14 @@ def beam_search(step_fn: StepFn, start_B: torch.Tensor, max_len: int, eos_id: in
     return [sorted(f, key=lambda h: -h[1])[:n_best] for f in finished]
 
 
+def best_decode(step_fn: StepFn, start_B: torch.Tensor, max_len: int, eos_id: int, pad_id: int,
+                beam_size: int) -> list[list[int]]:
+    """The single best sequence per row: greedy for ``beam_size <= 1``, else the top beam hypothesis."""
+    if beam_size <= 1:
+        return greedy_decode(step_fn, start_B, max_len, eos_id, pad_id)
+    return [hyps[0][0] for hyps in beam_search(step_fn, start_B, max_len, eos_id, beam_size)]
+
+
 def _collect_finished(finished, prefix_BWT, beam_B2W, ends_B2W, top_scores_B2W, t: int, W: int,
                       length_penalty: float) -> None:
     # Only an ending among the best W candidates counts (as in fairseq): a worse ending would not

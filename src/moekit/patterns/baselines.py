@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from moekit.models.decoding import beam_search, greedy_decode, sample_decode
+from moekit.models.decoding import beam_search, best_decode, sample_decode
 from moekit.models.seq2seq import Seq2Seq, sequence_nll
 from moekit.patterns.data import PairBatch
 
@@ -120,10 +120,6 @@ class HardMixture(torch.nn.Module):
         out: list[list[list[int]]] = [[] for _ in range(src_BS.shape[0])]
         for expert in self.expert_ids:
             start_B = torch.full((src_BS.shape[0],), expert, dtype=torch.long, device=src_BS.device)
-            if beam <= 1:
-                seqs = greedy_decode(step, start_B, max_len, eos_id, pad)
-            else:
-                seqs = [hyps[0][0] for hyps in beam_search(step, start_B, max_len, eos_id, beam)]
-            for b, seq in enumerate(seqs):
+            for b, seq in enumerate(best_decode(step, start_B, max_len, eos_id, pad, beam)):
                 out[b].append(seq)
         return out

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.dispatch.capacity import expert_capacity
-from moekit.models.decoding import beam_search, greedy_decode
+from moekit.models.decoding import best_decode
 from moekit.models.seq2seq import Seq2Seq, sequence_nll
 from moekit.patterns.data import PairBatch
 from moekit.routing.losses import cv_squared, prob_in_top_k
@@ -332,10 +332,6 @@ class SPMoE(nn.Module):
         out: list[list[list[int]]] = [[] for _ in range(src_BS.shape[0])]
         for k in range(self.patterns):
             step = self.backbone.step_fn(memory, src_mask, head=lambda h, k=k: self.heads.logits(h, k))
-            if beam <= 1:
-                seqs = greedy_decode(step, start_B, max_len, eos_id, pad)
-            else:
-                seqs = [hyps[0][0] for hyps in beam_search(step, start_B, max_len, eos_id, beam)]
-            for b, seq in enumerate(seqs):
+            for b, seq in enumerate(best_decode(step, start_B, max_len, eos_id, pad, beam)):
                 out[b].append(seq)
         return out
