@@ -20,6 +20,7 @@ from baselines import DenseFFN, MaskedLoopMoE, NonzeroSplitMoE, OneHotEinsumMoE 
 from timing import machine_tag, peak_memory, results_path, time_interleaved, write_json  # noqa: E402
 
 import moekit  # noqa: E402
+from moekit.memory import keep_freed_memory  # noqa: E402
 
 BASELINES = {"masked_loop": MaskedLoopMoE, "onehot_einsum": OneHotEinsumMoE, "nonzero_split": NonzeroSplitMoE}
 
@@ -152,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", help="run only cases whose name contains this text")
     p.add_argument("--no-baselines", action="store_true", help="time moekit against the limit only")
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep: glibc keeps freed memory for every candidate (moekit.memory.keep_freed_memory), "
+                        "as jemalloc/tcmalloc do; default: glibc as configured, fresh pages every step")
     args = p.parse_args(argv)
+    kept = args.malloc == "keep" and keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cases = [c for c in default_cases(args.quick) if not args.only or args.only in c.name]
@@ -165,14 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_case(case, args.device, 1 if args.quick else args.repeats))
         print(f"  {case.name}: efficiency {rows[-1]['efficiency']:.2f}", file=sys.stderr, flush=True)
     scale = scaling(rows)
-    tag = machine_tag(args.device)
+    tag = {**machine_tag(args.device), "malloc": "keep" if kept else "default"}
     table = markdown(rows, scale)
     print(table)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(f"{table}\n\n{json.dumps(tag)}\n")
     if not args.no_save:
-        path = args.json or results_path(Path(__file__).resolve().parent / "results", "layer", tag)
+        path = args.json or results_path(Path(__file__).resolve().parent / "results",
+                                                "layer" if kept else "layer-malloc-default", tag)
         write_json(path, {"tag": tag, "rows": rows, "scaling": scale})
         print(f"\nresults: {path}")
     return 0

@@ -15,19 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.grouped import GroupPlan, grouped_linear, plan_groups
+
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}
 BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
-# "auto" pads to the largest segment while that costs at most this factor of extra rows.
+# "auto" pads groups of experts to their largest segment while that costs at most this factor of
+# the real rows.
 MAX_PADDING_WASTE = 2.0
-
-
-def segment_positions(counts: list[int], device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """For segments of sizes ``counts``: (expert [N], position within its segment [N], largest size)."""
-    counts_E = torch.tensor(counts, device=device)
-    expert_N = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_E)
-    starts_E = torch.cumsum(counts_E, 0) - counts_E
-    pos_N = torch.arange(expert_N.numel(), device=device) - starts_E[expert_N]
-    return expert_N, pos_N, (max(counts) if counts else 0)
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -36,17 +30,31 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
-def resolve_backend(backend: str, x_ND: torch.Tensor, counts: list[int]) -> str:
-    """The backend "auto" stands for: grouped_mm where supported, else bmm unless padding to the
-    largest segment would compute more than ``MAX_PADDING_WASTE`` times the real rows, else loop."""
+def choose_compute(backend: str, x_ND: torch.Tensor, counts: list[int]) -> tuple[str, GroupPlan | None]:
+    """The backend to use for segments of sizes ``counts``, and for "bmm" its padded layout.
+
+    "auto" stands for grouped_mm where supported; else bmm over padded groups of experts (see
+    ``moekit.grouped``) unless that computes more than ``MAX_PADDING_WASTE`` times the real rows
+    (tiny batches: fewer than 2 rows per expert on average go straight to the loop); else loop.
+    """
+    if backend == "bmm":
+        return backend, plan_groups(counts)
     if backend != "auto":
-        return backend
+        return backend, None
     if grouped_mm_supported(x_ND):
-        return "grouped_mm"
+        return "grouped_mm", None
     n = sum(counts)
-    if n and len(counts) * max(counts) <= MAX_PADDING_WASTE * n:
-        return "bmm"
-    return "loop"
+    if n == 0 or n < 2 * len(counts):
+        return "loop", None
+    plan = plan_groups(counts)
+    if plan.rows <= MAX_PADDING_WASTE * n:
+        return "bmm", plan
+    return "loop", None
+
+
+def resolve_backend(backend: str, x_ND: torch.Tensor, counts: list[int]) -> str:
+    """The backend "auto" (or any other) stands for; see ``choose_compute``."""
+    return choose_compute(backend, x_ND, counts)[0]
 
 
 class Experts(nn.Module):
@@ -105,9 +113,9 @@ class Experts(nn.Module):
         """Apply expert e to the e-th contiguous segment of ``x_ND`` (sizes ``counts``). Returns [N, D]."""
         if len(counts) != self.num_experts:
             raise ValueError(f"counts has {len(counts)} entries for {self.num_experts} experts")
-        backend = resolve_backend(self.backend, x_ND, counts)
+        backend, plan = choose_compute(self.backend, x_ND, counts)
         if backend == "bmm":
-            return self._forward_padded(x_ND, counts)
+            return self._forward_padded(x_ND, counts, plan)
         if backend == "grouped_mm":
             return self._forward_grouped(x_ND, counts)
         return self._forward_loop(x_ND, counts)
@@ -133,26 +141,27 @@ class Experts(nn.Module):
             return x_ND.new_zeros(0, self.dim)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-    def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
-        """All experts on an [E, C, D] buffer (expert e's tokens in row e, padded), one batched
-        matmul per weight. Returns [E, C, D]; rows that are padding hold act(b1) @ w2 + b2."""
-        w1, b1, w2, b2, w3 = self._weights(x_ECD.dtype)
-        h = torch.baddbmm(b1[:, None, :], x_ECD, w1)
+    def forward_rows(self, x_RD: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+        """All experts on the padded [R, D] row layout of ``plan`` (``moekit.grouped``): one batched
+        matmul per group of experts and weight. Returns [R, D]; padding rows hold act(b1) @ w2 + b2
+        (padding reads a real token, so with SwiGLU something of it), and are meant to be ignored."""
+        w1, b1, w2, b2, w3 = self._weights(x_RD.dtype)
+        h = grouped_linear(x_RD, w1, b1, plan)
         if w3 is not None:
-            h = F.silu(h) * torch.bmm(x_ECD, w3)
+            h = F.silu(h) * grouped_linear(x_RD, w3, None, plan)
         elif self.activation == "relu":
-            h = h.relu_()  # in place: baddbmm's backward does not need its output; saves an [E, C, F]
+            h = h.relu_()  # in place: the matmul's backward does not need its output; saves an [R, F]
         else:
             h = ACTIVATIONS[self.activation](h)
-        return torch.baddbmm(b2[:, None, :], h, w2)
+        return grouped_linear(h, w2, b2, plan)
 
-    def _forward_padded(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        # On CPU one bmm over [E, C, D] (C = the largest segment) runs at the speed of one big
-        # matmul, while E small matmuls lose 2-4x to per-call overhead and poor blocking. Padding
+    def _forward_padded(self, x_ND: torch.Tensor, counts: list[int], plan: GroupPlan) -> torch.Tensor:
+        # On CPU a batched matmul over a few experts' [C, D] blocks runs at the speed of one big
+        # matmul, while one small matmul per expert loses ~1.4x to threading overhead. Padding
         # rows are zero and never read back, so they get no gradient.
-        expert_N, pos_N, cap = segment_positions(counts, x_ND.device)
-        x_ECD = x_ND.new_zeros(self.num_experts, cap, self.dim).index_put((expert_N, pos_N), x_ND)
-        return self.forward_padded(x_ECD)[expert_N, pos_N]
+        rows_N = plan.padded_rows(torch.tensor(counts, device=x_ND.device))
+        x_RD = x_ND.new_zeros(plan.rows, self.dim).index_put((rows_N,), x_ND)
+        return self.forward_rows(x_RD, plan).index_select(0, rows_N)
 
     def _forward_grouped(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         # torch's grouped GEMM takes the segments as offsets: no padding, one kernel per matmul.

@@ -145,3 +145,21 @@ def test_cuda_auto_backend_matches_reference_in_bfloat16():
     torch.manual_seed(0)
     ref = reference_moe(moe, x).y
     torch.testing.assert_close(fast.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+@pytest.mark.parametrize("cf", [None, 1.0])
+def test_bmm_over_several_expert_groups_matches_reference(activation, cf):
+    # 24 experts and skewed routing: the padded layout splits them into groups of unequal caps.
+    from moekit.experts import choose_compute
+
+    torch.manual_seed(3)
+    moe = _make("topk", cf, False, torch.float64, activation=activation, num_experts=24, k=3,
+                backend="bmm").train()
+    with torch.no_grad():
+        moe.router.w_gate.mul_(3.0)
+    x = torch.randn(4, 30, 7, dtype=torch.float64, requires_grad=True)
+    counts = torch.bincount(moe.router(x.reshape(-1, 7)).indices.reshape(-1).clamp(min=0), minlength=24)
+    _, plan = choose_compute("bmm", x, counts.tolist())
+    assert len(plan.groups) >= 2 and len({g.cap for g in plan.groups}) >= 2
+    _assert_same(moe, x, None)

@@ -77,10 +77,8 @@ def prob_in_top_k(
     """
     threshold_if_in = top_values_TK1[..., k : k + 1]
     threshold_if_out = top_values_TK1[..., k - 1 : k]
-    is_in = noisy_TE > threshold_if_in
-    prob_if_in = normal_cdf((clean_TE - threshold_if_in) / noise_std_TE)
-    prob_if_out = normal_cdf((clean_TE - threshold_if_out) / noise_std_TE)
-    return torch.where(is_in, prob_if_in, prob_if_out)
+    threshold_TE = torch.where(noisy_TE > threshold_if_in, threshold_if_in, threshold_if_out)
+    return normal_cdf((clean_TE - threshold_TE) / noise_std_TE)
 
 
 def switch_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor, num_experts: int,

@@ -1,0 +1,155 @@
+"""Batched matmuls over contiguous groups of experts, each group padded to its own largest count.
+
+Legend: E experts, N routed rows (grouped by expert), R padded rows, I/O in/out features.
+
+One batched matmul over all E experts needs every expert padded to the largest count: under
+uniform random routing that is ~1.25x the real rows at E=256. Splitting the experts into
+contiguous groups (views of the stacked weights, no copy) and padding each group only to its
+own largest count brings that to ~1.05x, while a group of >= 4 experts still keeps every
+thread busy with whole matrices, as one big batched matmul does. ``plan_groups`` picks the
+split; ``grouped_linear`` computes ``x @ w[e] + b[e]`` over the padded layout, with a backward
+that writes every expert's weight gradient straight into one [E, I, O] tensor.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+# A group of fewer experts than this leaves threads idle (measured on CPU: a single [128, 512] x
+# [512, 1024] matmul on 2 threads runs at ~0.7x the speed of a batch of 4); more than
+# MAX_GROUP only lengthens the search.
+MIN_GROUP = 4
+MAX_GROUP = 16
+# The fixed cost of one more group (its six matmul calls per step), in padded rows.
+GROUP_OVERHEAD_ROWS = 4
+
+
+class Group(NamedTuple):
+    """Experts [start, end) computed as one batched matmul over an [end-start, cap, I] block of rows
+    beginning at padded row ``row``."""
+
+    start: int
+    end: int
+    cap: int
+    row: int
+
+
+class GroupPlan(NamedTuple):
+    """How N rows grouped by expert (sizes ``counts``) sit in the padded [R, I] buffer.
+
+    Attributes:
+        groups: contiguous expert ranges covering [0, E), in order.
+        rows: R, the padded rows of all groups.
+        base: [E] padded row of each expert's first row.
+    """
+
+    groups: list[Group]
+    rows: int
+    base: list[int]
+
+    def padded_rows(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """[N] padded row of each routed row, for rows grouped by expert with sizes ``counts_E``."""
+        device = counts_E.device
+        num_experts = counts_E.numel()
+        expert_N = torch.repeat_interleave(torch.arange(num_experts, device=device), counts_E)
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        base_E = torch.tensor(self.base, dtype=torch.long, device=device)
+        offset_E = base_E - starts_E  # row n of expert e goes to base[e] + (n - starts[e])
+        return torch.arange(expert_N.numel(), device=device) + offset_E[expert_N]
+
+
+def plan_groups(counts: list[int], min_group: int = MIN_GROUP, max_group: int = MAX_GROUP,
+                overhead_rows: int = GROUP_OVERHEAD_ROWS) -> GroupPlan:
+    """Split experts into contiguous groups of ``min_group``..``max_group`` minimising the padded
+    rows (plus ``overhead_rows`` per group), by dynamic programming over the group ends.
+
+    With fewer than ``2 * min_group`` experts there is one group.
+    """
+    num_experts = len(counts)
+    if num_experts < 2 * min_group:
+        bounds = [(0, num_experts)]
+    else:
+        inf = float("inf")
+        best = [0.0] + [inf] * num_experts
+        prev = [0] * (num_experts + 1)
+        for end in range(min_group, num_experts + 1):
+            top = max(counts[end - min_group + 1:end]) if min_group > 1 else 0
+            for size in range(min_group, min(max_group, end) + 1):
+                start = end - size
+                top = max(top, counts[start])
+                cost = best[start] + size * top + overhead_rows
+                if cost < best[end]:
+                    best[end], prev[end] = cost, start
+        bounds, end = [], num_experts
+        while end > 0:
+            bounds.append((prev[end], end))
+            end = prev[end]
+        bounds.reverse()
+    groups, base, row = [], [], 0
+    for start, end in bounds:
+        cap = max(counts[start:end]) if end > start else 0
+        groups.append(Group(start, end, cap, row))
+        base.extend(row + i * cap for i in range(end - start))
+        row += (end - start) * cap
+    return GroupPlan(groups, row, base)
+
+
+def _blocks(t_R: torch.Tensor, g: Group) -> torch.Tensor:
+    return t_R[g.row:g.row + (g.end - g.start) * g.cap].view(g.end - g.start, g.cap, t_R.shape[-1])
+
+
+class _GroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_RI, w_EIO, b_EO, groups):
+        x_RI = x_RI.contiguous()
+        y_RO = x_RI.new_empty(x_RI.shape[0], w_EIO.shape[-1])
+        for g in groups:
+            if g.cap == 0:
+                continue
+            x_GCI, y_GCO, w_GIO = _blocks(x_RI, g), _blocks(y_RO, g), w_EIO[g.start:g.end]
+            if b_EO is None:
+                torch.bmm(x_GCI, w_GIO, out=y_GCO)
+            else:
+                torch.baddbmm(b_EO[g.start:g.end, None, :], x_GCI, w_GIO, out=y_GCO)
+        ctx.save_for_backward(x_RI, w_EIO)
+        ctx.groups, ctx.has_bias = groups, b_EO is not None
+        return y_RO
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_RO):
+        x_RI, w_EIO = ctx.saved_tensors
+        dy_RO = dy_RO.contiguous()
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx_RI = torch.empty_like(x_RI) if need_x else None
+        dw_EIO = torch.empty_like(w_EIO) if need_w else None
+        db_EO = w_EIO.new_empty(w_EIO.shape[0], w_EIO.shape[-1]) if need_b and ctx.has_bias else None
+        for g in ctx.groups:
+            if g.cap == 0:  # no row: nothing of dx, and a zero gradient for these experts
+                for t in (dw_EIO, db_EO):
+                    if t is not None:
+                        t[g.start:g.end].zero_()
+                continue
+            dy_GCO = _blocks(dy_RO, g)
+            if need_x:
+                torch.bmm(dy_GCO, w_EIO[g.start:g.end].transpose(1, 2), out=_blocks(dx_RI, g))
+            if dw_EIO is not None:
+                torch.bmm(_blocks(x_RI, g).transpose(1, 2), dy_GCO, out=dw_EIO[g.start:g.end])
+            if db_EO is not None:
+                torch.sum(dy_GCO, 1, out=db_EO[g.start:g.end])
+        return dx_RI, dw_EIO, db_EO, None
+
+
+def grouped_linear(x_RI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor | None,
+                   plan: GroupPlan) -> torch.Tensor:
+    """``y[r] = x[r] @ w[e] + b[e]`` for every padded row r of expert e (layout of ``plan``). Returns [R, O].
+
+    Differentiable once in ``x``, ``w`` and ``b``; the weight gradient is one [E, I, O] tensor
+    written group by group (no per-expert or per-group full-size gradient is ever made).
+    """
+    if x_RI.shape[0] != plan.rows:
+        raise ValueError(f"x has {x_RI.shape[0]} rows; the plan lays out {plan.rows}")
+    return _GroupedLinear.apply(x_RI, w_EIO, b_EO, plan.groups)

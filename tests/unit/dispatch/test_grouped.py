@@ -1,0 +1,103 @@
+"""Padded groups of experts: the plan's layout and optimality, and grouped_linear's values and gradients."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moekit.grouped import GROUP_OVERHEAD_ROWS, MAX_GROUP, MIN_GROUP, grouped_linear, plan_groups
+
+
+def _cost(bounds, counts):
+    return sum((e - s) * max(counts[s:e]) + GROUP_OVERHEAD_ROWS for s, e in bounds)
+
+
+def _compositions(n):
+    """Every split of range(n) into contiguous blocks of MIN_GROUP..MAX_GROUP."""
+    if n == 0:
+        yield []
+        return
+    for size in range(MIN_GROUP, min(MAX_GROUP, n) + 1):
+        for rest in _compositions(n - size):
+            yield [(0, size)] + [(s + size, e + size) for s, e in rest]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=40))
+def test_plan_is_a_contiguous_padded_layout(counts):
+    plan = plan_groups(counts)
+    assert plan.groups[0].start == 0 and plan.groups[-1].end == len(counts)
+    row = 0
+    for g, nxt in itertools.zip_longest(plan.groups, plan.groups[1:]):
+        if nxt is not None:
+            assert nxt.start == g.end
+        if len(counts) >= 2 * MIN_GROUP:
+            assert MIN_GROUP <= g.end - g.start <= MAX_GROUP
+        assert g.cap == max(counts[g.start:g.end]) and g.row == row
+        row += (g.end - g.start) * g.cap
+    assert plan.rows == row
+    # Every routed row gets its own padded row, inside its expert's block, in order.
+    rows_N = plan.padded_rows(torch.tensor(counts))
+    assert rows_N.numel() == sum(counts) and rows_N.unique().numel() == rows_N.numel()
+    n = 0
+    for e, c in enumerate(counts):
+        assert rows_N[n:n + c].tolist() == list(range(plan.base[e], plan.base[e] + c))
+        n += c
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plan_is_optimal_against_brute_force(seed):
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 60, (14,), generator=gen).tolist()
+    plan = plan_groups(counts)
+    best = min(_cost(b, counts) for b in _compositions(len(counts)))
+    assert _cost([(g.start, g.end) for g in plan.groups], counts) == best
+
+
+def test_plan_pads_far_less_than_one_batch_at_many_experts():
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.randint(0, 256, (32768,), generator=gen), minlength=256).tolist()
+    plan = plan_groups(counts)
+    one_batch = 256 * max(counts)
+    assert plan.rows < 1.1 * sum(counts) < one_batch / 1.1
+
+
+def _per_expert(x_RI, w_EIO, b_EO, plan):
+    """The definition, one expert block at a time."""
+    y = x_RI.new_zeros(x_RI.shape[0], w_EIO.shape[-1])
+    for g in plan.groups:
+        for i, e in enumerate(range(g.start, g.end)):
+            r = g.row + i * g.cap
+            y[r:r + g.cap] = x_RI[r:r + g.cap] @ w_EIO[e] + (0 if b_EO is None else b_EO[e])
+    return y
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_linear_values_and_gradients(bias):
+    # Runs of empty experts make a group with no rows, whose weights must get a zero gradient.
+    counts = [3, 0, 5, 1, 0, 0, 0, 0, 0, 0, 2, 7, 1, 1, 0, 4, 6, 0]
+    plan = plan_groups(counts)
+    assert any(g.cap == 0 for g in plan.groups) and len(plan.groups) > 2
+    x = torch.randn(plan.rows, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(len(counts), 3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(len(counts), 4, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = [x, w] + ([b] if bias else [])
+    y = grouped_linear(x, w, b, plan)
+    torch.testing.assert_close(y, _per_expert(x, w, b, plan))
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, inputs, dy)
+    want = torch.autograd.grad(_per_expert(x, w, b, plan), inputs, dy)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e)
+    empty = [e for g in plan.groups if g.cap == 0 for e in range(g.start, g.end)]
+    assert (got[1][empty] == 0).all()
+    assert torch.autograd.gradcheck(lambda *t: grouped_linear(*t[:2], t[2] if bias else None, plan),
+                                    tuple(inputs))
+
+
+def test_grouped_linear_rejects_a_buffer_of_the_wrong_size():
+    plan = plan_groups([2, 3])
+    with pytest.raises(ValueError, match="x has 7 rows; the plan lays out 6"):
+        grouped_linear(torch.zeros(7, 2), torch.zeros(2, 2, 2), None, plan)
