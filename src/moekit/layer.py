@@ -33,6 +33,13 @@ def check_layer_input(x: torch.Tensor, mask: torch.Tensor | None, dim: int) -> N
                              f"dimension {tuple(x.shape[:-1])}")
 
 
+@torch.compiler.disable
+def _dispatch(dispatcher, x_TD, indices_TK, weights_TK, experts) -> torch.Tensor:
+    # Left to eager under torch.compile: segment sizes are data (one trace per batch otherwise),
+    # and the dispatch is a few large matmuls and gathers that compiling cannot speed up.
+    return dispatcher(x_TD, indices_TK, weights_TK, experts)
+
+
 class MoE(nn.Module):
     """A sparsely-gated mixture of E FFN experts, each token computed by its k routed experts.
 
@@ -103,7 +110,7 @@ class MoE(nn.Module):
             dropped = ((indices_TK >= 0) & ~keep_TK).sum()
             indices_TK = torch.where(keep_TK, indices_TK, -1)
             weights_TK = weights_TK * keep_TK
-        y_TD = self.dispatcher(x_TD, indices_TK, weights_TK, self.experts)
+        y_TD = _dispatch(self.dispatcher, x_TD, indices_TK, weights_TK, self.experts)
         # Counts and dropped in one tensor: a single reduction when the batch is sharded.
         totals = self.shards.sum(torch.cat([hard_counts(indices_TK, self.num_experts), dropped.reshape(1)]))
         stats = routing.stats._replace(counts=totals[:-1], dropped=int(totals[-1]))

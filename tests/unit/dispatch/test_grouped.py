@@ -7,19 +7,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moekit.grouped import GROUP_OVERHEAD_ROWS, MAX_GROUP, MIN_GROUP, grouped_linear, plan_groups
+from moekit.grouped import MAX_GROUP, group_cost, grouped_linear, plan_groups
 
 
-def _cost(bounds, counts):
-    return sum((e - s) * max(counts[s:e]) + GROUP_OVERHEAD_ROWS for s, e in bounds)
+def _cost(bounds, counts, threads):
+    return sum(group_cost(e - s, max(counts[s:e]), threads) for s, e in bounds)
 
 
 def _compositions(n):
-    """Every split of range(n) into contiguous blocks of MIN_GROUP..MAX_GROUP."""
+    """Every split of range(n) into contiguous blocks of 1..MAX_GROUP."""
     if n == 0:
         yield []
         return
-    for size in range(MIN_GROUP, min(MAX_GROUP, n) + 1):
+    for size in range(1, min(MAX_GROUP, n) + 1):
         for rest in _compositions(n - size):
             yield [(0, size)] + [(s + size, e + size) for s, e in rest]
 
@@ -27,14 +27,13 @@ def _compositions(n):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, 40), min_size=1, max_size=40))
 def test_plan_is_a_contiguous_padded_layout(counts):
-    plan = plan_groups(counts)
+    plan = plan_groups(counts, threads=2)
     assert plan.groups[0].start == 0 and plan.groups[-1].end == len(counts)
     row = 0
     for g, nxt in itertools.zip_longest(plan.groups, plan.groups[1:]):
         if nxt is not None:
             assert nxt.start == g.end
-        if len(counts) >= 2 * MIN_GROUP:
-            assert MIN_GROUP <= g.end - g.start <= MAX_GROUP
+        assert 1 <= g.end - g.start <= MAX_GROUP
         assert g.cap == max(counts[g.start:g.end]) and g.row == row
         row += (g.end - g.start) * g.cap
     assert plan.rows == row
@@ -47,19 +46,26 @@ def test_plan_is_a_contiguous_padded_layout(counts):
         n += c
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_plan_is_optimal_against_brute_force(seed):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("seed", range(3))
+def test_plan_is_optimal_against_brute_force(seed, threads):
     gen = torch.Generator().manual_seed(seed)
-    counts = torch.randint(0, 60, (14,), generator=gen).tolist()
-    plan = plan_groups(counts)
-    best = min(_cost(b, counts) for b in _compositions(len(counts)))
-    assert _cost([(g.start, g.end) for g in plan.groups], counts) == best
+    counts = torch.randint(0, 60, (12,), generator=gen).tolist()
+    plan = plan_groups(counts, threads=threads)
+    best = min(_cost(b, counts, threads) for b in _compositions(len(counts)))
+    assert _cost([(g.start, g.end) for g in plan.groups], counts, threads) == best
+
+
+def test_groups_fill_every_thread():
+    # Equal counts: with 2 threads the plan never leaves a thread idle on an odd group.
+    plan = plan_groups([50] * 20, threads=2)
+    assert all((g.end - g.start) % 2 == 0 for g in plan.groups) and plan.rows == 1000
 
 
 def test_plan_pads_far_less_than_one_batch_at_many_experts():
     gen = torch.Generator().manual_seed(0)
     counts = torch.bincount(torch.randint(0, 256, (32768,), generator=gen), minlength=256).tolist()
-    plan = plan_groups(counts)
+    plan = plan_groups(counts, threads=2)
     one_batch = 256 * max(counts)
     assert plan.rows < 1.1 * sum(counts) < one_batch / 1.1
 
@@ -78,7 +84,7 @@ def _per_expert(x_RI, w_EIO, b_EO, plan):
 def test_grouped_linear_values_and_gradients(bias):
     # Runs of empty experts make a group with no rows, whose weights must get a zero gradient.
     counts = [3, 0, 5, 1, 0, 0, 0, 0, 0, 0, 2, 7, 1, 1, 0, 4, 6, 0]
-    plan = plan_groups(counts)
+    plan = plan_groups(counts, threads=2)
     assert any(g.cap == 0 for g in plan.groups) and len(plan.groups) > 2
     x = torch.randn(plan.rows, 3, dtype=torch.float64, requires_grad=True)
     w = torch.randn(len(counts), 3, 4, dtype=torch.float64, requires_grad=True)
