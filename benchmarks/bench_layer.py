@@ -40,6 +40,7 @@ class Case:
     capacity_factor: float | None = None
     baselines: tuple[str, ...] = ()
     memory: bool = False
+    compile: bool = False  # also time torch.compile(moe)
 
     @property
     def name(self) -> str:
@@ -53,7 +54,7 @@ def default_cases(quick: bool) -> list[Case]:
         base = Case(tokens=64, dim=16, hidden=32, experts=4, k=2)
         return [replace(base, baselines=tuple(BASELINES), memory=True), replace(base, experts=8),
                 replace(base, experts=8, capacity_factor=1.25, router="topk")]
-    head = Case(baselines=tuple(BASELINES), memory=True)
+    head = Case(baselines=tuple(BASELINES), memory=True, compile=True)
     cases = [replace(head, experts=e) for e in (4, 32, 256)]
     e32 = Case(experts=32)
     cases += [replace(e32, dtype="bfloat16"), replace(e32, router="topk"), replace(e32, capacity_factor=1.25),
@@ -68,6 +69,8 @@ def _build(case: Case, device: str):
     moe = moekit.MoE(case.dim, case.experts, case.k, case.hidden, router=case.router,
                      capacity_factor=case.capacity_factor, device=device, dtype=dtype)
     models = {"moekit": moe, "limit": DenseFFN(case.dim, case.hidden, dtype=dtype).to(device)}
+    if case.compile:
+        models["compiled"] = torch.compile(moe)
     for name in case.baselines:
         models[name] = BASELINES[name](case.dim, case.experts, case.k, case.hidden, dtype=dtype).to(device)
     x = torch.randn(case.tokens, case.dim, dtype=dtype, device=device)
@@ -106,6 +109,8 @@ def run_case(case: Case, device: str, repeats: int) -> dict:
            "samples": {n: r["samples"] for n, r in timings.items()},
            "efficiency": t["limit"] / t["moekit"],
            "speedup": {b: t[b] / t["moekit"] for b in case.baselines}}
+    if case.compile:
+        row["compile_speedup"] = t["moekit"] / t["compiled"]
     if case.memory:
         mem = {n: peak_memory(fns[n], device) for n in ("moekit", "limit")}
         row["peak_memory_bytes"] = mem
@@ -130,12 +135,13 @@ def scaling(rows: list[dict]) -> dict:
 def markdown(rows: list[dict], scale: dict) -> str:
     names = list(BASELINES)
     lines = ["| configuration | moekit ms | efficiency (limit/moekit) | " + " | ".join(f"x vs {b}" for b in names)
-             + " | memory vs limit |", "|---" * (4 + len(names)) + "|"]
+             + " | memory vs limit | torch.compile speedup |", "|---" * (5 + len(names)) + "|"]
     for r in rows:
         sp = [f"{r['speedup'][b]:.1f}x" if b in r["speedup"] else "" for b in names]
         mem = r.get("memory_vs_limit")
         lines.append(f"| {r['name']} | {1e3 * r['median_s']['moekit']:.1f} | {r['efficiency']:.2f} | "
-                     + " | ".join(sp) + f" | {'' if mem is None else f'{mem:.2f}'} |")
+                     + " | ".join(sp) + f" | {'' if mem is None else f'{mem:.2f}'} | "
+                     + (f"{r['compile_speedup']:.2f}x |" if "compile_speedup" in r else " |"))
     if scale:
         lo, hi = scale["experts"]
         lines.append(f"\nScaling: t(E={hi}) / t(E={lo}) = {scale['ratio']:.2f}")
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     cases = [c for c in default_cases(args.quick) if not args.only or args.only in c.name]
     if args.no_baselines:
-        cases = [replace(c, baselines=(), memory=False) for c in cases]
+        cases = [replace(c, baselines=(), memory=False, compile=False) for c in cases]
     if args.device.startswith("cuda"):
         cases = [replace(c, dtype="bfloat16") if c.dtype == "float32" else c for c in cases]
     rows = []
