@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -105,9 +106,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return job.run(args)
     except USER_ERRORS as e:
-        print(f"moekit {args.job}: error: {e}", file=sys.stderr)
+        if _first_rank():
+            print(f"moekit {args.job}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         detail = f" ({e})" if str(e) else ""
-        print(f"moekit {args.job}: interrupted{detail}; rerun with --resume to continue", file=sys.stderr)
+        if _first_rank():
+            print(f"moekit {args.job}: interrupted{detail}; rerun with --resume to continue", file=sys.stderr)
         return 130
+
+
+def _first_rank() -> bool:
+    # Under torchrun every rank meets the same error; one message is enough.
+    return os.environ.get("RANK", "0") == "0"

@@ -49,3 +49,19 @@ class LocalShards:
 
 
 LOCAL_SHARDS = LocalShards()
+
+
+def randn_rows(like_T: torch.Tensor, shards: BatchShards = LOCAL_SHARDS) -> torch.Tensor:
+    """``torch.randn_like(like_T)`` for this shard's rows of one draw over the whole batch.
+
+    Router noise is drawn per token. Were each shard to draw for its own rows, processes seeded
+    alike would give row i of every shard the same noise; drawing the whole batch's [T_all, ...]
+    table and keeping this shard's rows gives every token its own noise, the very noise one
+    process would draw for the whole batch (so results do not depend on how the batch is split).
+    The price is a draw W times larger, small beside the router's matmul when W < D.
+    """
+    if shards.count == 1:
+        return torch.randn_like(like_T)
+    all_T, start = shards.gather(like_T.new_zeros(like_T.shape[0]))
+    table = torch.randn_like(like_T.new_empty((all_T.shape[0], *like_T.shape[1:])))
+    return table[start:start + like_T.shape[0]]

@@ -5,9 +5,10 @@ when the expert-parallel layer on rank r, fed rank r's tokens, gives the rows of
 run on the concatenation of every rank's tokens (rank-major), with the same aux loss and stats, and
 the same gradients: the input's and the experts' directly, the router's after summing over ranks.
 
-Noise: a noisy router in training draws ``torch.randn_like(logits)``. Both paths get their noise
-from ``token_noise``, which replaces ``randn_like`` with rows of one table per call indexed by global
-token position, so the rank holding token t draws exactly what the single process draws for t.
+Noise: a noisy router in training draws its noise for the whole batch and keeps its own rows
+(``moekit.shards.randn_rows``), so the rank holding token t draws what the single process draws for
+t when both start from the same generator state. ``token_noise`` makes the i-th ``randn_like`` of
+each path start from the same state.
 """
 
 from __future__ import annotations
@@ -44,13 +45,16 @@ TIMEOUT_S = 60.0
 
 
 @contextlib.contextmanager
-def token_noise(total_tokens: int, rows: slice, seed: int):
-    """Make the i-th ``torch.randn_like(t)`` return rows ``rows`` of a [total_tokens, *t.shape[1:]] table."""
+def token_noise(seed: int):
+    """Make the i-th ``torch.randn_like(t)`` draw from a generator seeded by ``(seed, i)``.
+
+    A rank that drew for its own rows only would get the first rows of the table, not its own.
+    """
     calls = itertools.count()
 
     def randn_like(t, **_):
         g = torch.Generator().manual_seed(seed * 1000 + next(calls))
-        return torch.randn((total_tokens, *t.shape[1:]), generator=g).to(t.dtype)[rows]
+        return torch.randn(t.shape, generator=g).to(t.dtype)
 
     with mock.patch("torch.randn_like", randn_like):
         yield
@@ -87,9 +91,9 @@ def build_layer(spec: dict) -> moekit.MoE:
     return moe.train(spec["train"])
 
 
-def run_layer(moe, x, mask, g, rows, total, aux_scale):
+def run_layer(moe, x, mask, g, aux_scale):
     x = x.clone().requires_grad_()
-    with token_noise(total, rows, seed=7):
+    with token_noise(seed=7):
         out = moe(x, mask)
     ((out.y * g).sum() + out.aux_loss * aux_scale).backward()
     return out, x.grad
@@ -105,10 +109,9 @@ def layer_case(rank: int, world: int, name: str) -> dict:
     mask_all = torch.rand(total, generator=gen) > 0.3 if spec.get("masked") else None
     full = build_layer(spec)
     ep = apply_expert_parallel(copy.deepcopy(full))
-    ref, ref_gx = run_layer(full, x_all, mask_all, g_all, slice(None), total, 1.0)
-    out, gx = run_layer(ep, x_all[rows], None if mask_all is None else mask_all[rows], g_all[rows], rows, total,
-                        1.0 / world)
-    with token_noise(total, slice(None), seed=7):  # which experts rank r's own tokens chose
+    ref, ref_gx = run_layer(full, x_all, mask_all, g_all, 1.0)
+    out, gx = run_layer(ep, x_all[rows], None if mask_all is None else mask_all[rows], g_all[rows], 1.0 / world)
+    with token_noise(seed=7):  # which experts rank r's own tokens chose
         routed = full.route(x_all, mask_all).indices[rows]
     lo, hi = ep.dispatcher.first_expert, ep.dispatcher.first_expert + ep.dispatcher.local_experts
     router_grads = {}
@@ -159,9 +162,9 @@ def batches(step: int, world: int) -> list[torch.Tensor]:
     return list(torch.randint(0, VOCAB, (world * BATCH, SEQ + 1), generator=gen).split(BATCH))
 
 
-def train_step(model, opt, tokens, rows, total, step, distributed):
+def train_step(model, opt, tokens, step, distributed):
     """Mean next-token loss + aux; returns the loss of the whole batch (mean over ranks)."""
-    with token_noise(total, rows, seed=step):
+    with token_noise(seed=step):
         logits, aux = model(tokens[:, :-1])
     loss = F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)) + aux
     opt.zero_grad()
@@ -180,14 +183,12 @@ def train_step(model, opt, tokens, rows, total, step, distributed):
 
 def train_ep(rank: int, world: int, steps: range, model, opt):
     """Train the expert-parallel model on rank r's batch of each step; returns losses."""
-    rows = slice(rank * BATCH * SEQ, (rank + 1) * BATCH * SEQ)
-    return [train_step(model, opt, batches(s, world)[rank], rows, world * BATCH * SEQ, s, True) for s in steps]
+    return [train_step(model, opt, batches(s, world)[rank], s, True) for s in steps]
 
 
 def train_local(world: int, steps: range, model, opt):
     """The same steps in one process on the union of the ranks' batches."""
-    return [train_step(model, opt, torch.cat(batches(s, world)), slice(None), world * BATCH * SEQ, s, False)
-            for s in steps]
+    return [train_step(model, opt, torch.cat(batches(s, world)), s, False) for s in steps]
 
 
 def errors_of(fn) -> str:

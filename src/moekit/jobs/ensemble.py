@@ -14,6 +14,9 @@ each as soon as it is trained; the *models* of the report are made of runs:
 All runs share one checkpoint stream in ``--out/checkpoints`` (numbered by the total of steps
 done), holding the state of the run in progress plus the weights and test predictions of every
 finished run, so ``--resume`` continues where the last checkpoint left off.
+
+Under torchrun with ``--expert-parallel`` every run is trained on all ranks: the V-MoE and E^3
+runs with their experts sharded, the dense ViT data-parallel (``moekit.train.parallel``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +41,9 @@ from moekit.ensemble import init_e3_from_vmoe
 from moekit.jobs import ensemble_report
 from moekit.metrics.flops import routed_flops_per_example
 from moekit.models.vit_moe import ViTConfig, ViTMoE, VMoEConfig
-from moekit.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from moekit.train.checkpoint import load_checkpoint, save_checkpoint
 from moekit.train.outdir import ConfigError, checkpoint_path, prepare_out_dir, prune_checkpoints
+from moekit.train.parallel import SINGLE_PROCESS, SingleProcess, add_parallel_arg, from_args
 from moekit.train.stop import StopRequest
 
 MODELS = ("dense", "vmoe", "e3", "deep-ensemble", "e3-init")
@@ -103,6 +108,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-examples", type=int,
                         help="train on a fixed random subset of this many images (default: the preset's)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_parallel_arg(parser, "ensemble", "N must divide the batch size (64 in cpu-small, 256 in gpu) and the "
+                                         "8 experts; every model is trained this way (dense: data-parallel).")
 
 
 def config_from_args(args: argparse.Namespace) -> EnsembleConfig:
@@ -237,12 +244,15 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 def train_run(spec: RunSpec, model: ViTMoE, tensors: Tensors, cfg: EnsembleConfig, job: dict,
-              out: Path, quiet: bool) -> None:
-    """Train ``model`` from ``job["current"]["step"]`` to ``spec.steps``, checkpointing on schedule."""
+              out: Path, quiet: bool, par: SingleProcess = SINGLE_PROCESS) -> None:
+    """Train ``model`` from ``job["current"]["step"]`` to ``spec.steps``, checkpointing on schedule.
+
+    Under expert parallelism (``par``) each rank trains on its rows of every batch; all stop on the same step.
+    """
     cur = job["current"]
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=cfg.weight_decay)
-    if "optimizer" in cur:
-        opt.load_state_dict(cur.pop("optimizer"))
+    if "optimizer" in cur:  # resuming: the state of the interrupted run
+        par.load_state_dicts(model, opt, cur.pop("model"), cur.pop("optimizer"))
     model.train()
     bar = tqdm(total=spec.steps, initial=cur["step"], desc=spec.name, unit="step", disable=quiet,
                dynamic_ncols=True, file=sys.stderr)
@@ -251,82 +261,126 @@ def train_run(spec: RunSpec, model: ViTMoE, tensors: Tensors, cfg: EnsembleConfi
             t0 = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr_at(cur["step"], spec.steps, spec.lr, cfg.warmup_steps)
-            idx = batch_indices(cur["step"], cfg.batch_size, len(tensors.x_train), spec.seed).to(tensors.x_train.device)
+            idx = batch_indices(cur["step"], cfg.batch_size, len(tensors.x_train), spec.seed)
+            idx = par.shard(idx).to(tensors.x_train.device)
+            # The mean over this rank's images; equal shards make the mean over ranks the global mean.
             loss, out_ = model.loss(tensors.x_train[idx], tensors.y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            par.clip_and_step(model, opt, 1.0)
             cur["step"] += 1
             cur["seconds"] += time.perf_counter() - t0
-            cur["losses"].append((loss - out_.aux_loss).item())
+            cur["losses"].append(par.mean((loss - out_.aux_loss).detach()).item())
             bar.set_postfix(loss=f"{cur['losses'][-1]:.3f}", refresh=False)
             bar.update(1)
-            if cur["step"] % cfg.checkpoint_every == 0 or stop.requested:
-                save_job(out, job, model, opt)
-            if stop.requested:
+            stopping = par.any(stop.requested)
+            if cur["step"] % cfg.checkpoint_every == 0 or stopping:
+                save_job(out, job, model, opt, par)
+            if stopping:
                 raise KeyboardInterrupt(f"stopped after step {cur['step']} of run {spec.name}; checkpoint saved")
 
 
-def save_job(out: Path, job: dict, model: ViTMoE | None, opt: torch.optim.Optimizer | None) -> None:
-    """Checkpoint the whole job, numbered by the total of steps done so far."""
-    state = {"finished": job["finished"], "rng": capture_rng_state()}
+def save_job(out: Path, job: dict, model: ViTMoE | None, opt: torch.optim.Optimizer | None,
+             par: SingleProcess = SINGLE_PROCESS) -> None:
+    """Checkpoint the whole job, numbered by the total of steps done so far.
+
+    Every rank calls this; rank 0 writes the single-process state of the whole model.
+    """
+    state = {"finished": job["finished"], "rng": par.capture_rng()}
     if job.get("current") is not None:
-        state["current"] = {**job["current"], "model": model.state_dict(), "optimizer": opt.state_dict()}
+        model_state, opt_state = par.state_dicts(model, opt)
+        state["current"] = {**job["current"], "model": model_state, "optimizer": opt_state}
     total = sum(r["steps"] for r in job["finished"].values()) + (job["current"] or {}).get("step", 0)
-    save_checkpoint(checkpoint_path(out, total), state)
-    prune_checkpoints(out, keep=1)
+
+    def write() -> None:
+        save_checkpoint(checkpoint_path(out, total), state)
+        prune_checkpoints(out, keep=1)
+
+    par.main_only(write)
 
 
 @torch.no_grad()
-def predict(model: ViTMoE, x: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
-    """[N, M, C] float32 member probabilities on CPU, in eval mode (M = 1 for a single model)."""
+def predict(model: ViTMoE, x: torch.Tensor | None, batch_size: int,
+            par: SingleProcess = SINGLE_PROCESS) -> torch.Tensor | None:
+    """[N, M, C] float32 member probabilities on CPU, in eval mode (M = 1 for a single model).
+
+    Under expert parallelism each rank computes its rows of every batch and every rank gets them all.
+    """
     if x is None:
         return None
     model.eval()
-    return torch.cat([model.member_probs(x[i:i + batch_size]).cpu() for i in range(0, len(x), batch_size)])
+    return torch.cat([par.gather(model.member_probs(par.split(x[i:i + batch_size]))).cpu()
+                      for i in range(0, len(x), batch_size)])
 
 
 def evaluate_run(spec: RunSpec, model: ViTMoE, tensors: Tensors, cfg: EnsembleConfig, seconds: float,
-                 losses: list[float]) -> dict[str, Any]:
-    """Everything the report needs from a finished run, as checkpointable plain data."""
+                 losses: list[float], params: int, par: SingleProcess = SINGLE_PROCESS,
+                 local_model: Callable[[], ViTMoE] | None = None) -> dict[str, Any]:
+    """Everything the report needs from a finished run, as checkpointable plain data.
+
+    ``params`` counts the whole model (before its experts were sharded). Under expert parallelism
+    the FLOPs are counted on rank 0 in ``local_model()``, a single-process copy.
+    """
     model.eval()
-    flops = routed_flops_per_example(model, tensors.x_test[: min(len(tensors.x_test), cfg.eval_batch_size)])
+    state = {k: v.cpu() for k, v in par.state_dicts(model, None)[0].items()}
+    x_flops = tensors.x_test[: min(len(tensors.x_test), cfg.eval_batch_size)]
+    if not par.distributed:
+        flops = routed_flops_per_example(model, x_flops)
+    else:
+        def count() -> float:
+            local = local_model()
+            local.load_state_dict(state)
+            return routed_flops_per_example(local.eval(), x_flops)
+
+        flops = par.main_only(count)
     return {"spec": dataclasses.asdict(spec), "steps": spec.steps, "seconds": seconds,
-            "losses": torch.tensor(losses), "params": sum(p.numel() for p in model.parameters()),
-            "flops_per_example": flops, "member_probs": predict(model, tensors.x_test, cfg.eval_batch_size),
-            "ood_member_probs": predict(model, tensors.x_ood, cfg.eval_batch_size),
-            "model": {k: v.cpu() for k, v in model.state_dict().items()}}
+            "losses": torch.tensor(losses), "params": params,
+            "flops_per_example": flops, "member_probs": predict(model, tensors.x_test, cfg.eval_batch_size, par),
+            "ood_member_probs": predict(model, tensors.x_ood, cfg.eval_batch_size, par),
+            "model": state}
 
 
 def run_all(cfg: EnsembleConfig, data: ImageSplits, tensors: Tensors, device, out: Path, job: dict,
-            quiet: bool) -> None:
+            quiet: bool, par: SingleProcess = SINGLE_PROCESS) -> None:
     """Train and evaluate every planned run not finished yet."""
     for spec in plan_runs(cfg):
         if spec.name in job["finished"]:
             continue
         torch.manual_seed(spec.seed)
         model = build_model(cfg, spec.kind, data, device)
+        params = sum(p.numel() for p in model.parameters())  # counted before the experts are sharded
         cur = job.get("current")
-        if cur is not None and cur["name"] == spec.name:
-            model.load_state_dict(cur.pop("model"))
-            # The router noise continues the random stream of the interrupted run.
-            restore_rng_state(job.pop("rng"))
+        resuming = cur is not None and cur["name"] == spec.name
+        if not resuming and spec.init_from is not None:
+            init_e3_from_vmoe(model, job["finished"][spec.init_from]["model"])
+        model = par.prepare(model, {"job": dataclasses.asdict(cfg), "run": spec.name})
+        if resuming:
+            # The router noise continues the random stream of the interrupted run; its weights
+            # and optimizer state are loaded by train_run.
+            par.restore_rng(job.pop("rng"))
         else:
-            if spec.init_from is not None:
-                init_e3_from_vmoe(model, job["finished"][spec.init_from]["model"])
             job["current"] = cur = {"name": spec.name, "step": 0, "seconds": 0.0, "losses": []}
         cur["losses"] = list(cur["losses"])
-        train_run(spec, model, tensors, cfg, job, out, quiet)
-        job["finished"][spec.name] = evaluate_run(spec, model, tensors, cfg, cur["seconds"], cur["losses"])
+        train_run(spec, model, tensors, cfg, job, out, quiet, par)
+        job["finished"][spec.name] = evaluate_run(spec, model, tensors, cfg, cur["seconds"], cur["losses"], params,
+                                                  par, lambda kind=spec.kind: _local_copy(cfg, kind, data, device))
         job["current"] = None
-        save_job(out, job, None, None)
+        save_job(out, job, None, None, par)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def _local_copy(cfg: EnsembleConfig, kind: str, data: ImageSplits, device) -> ViTMoE:
+    """A fresh single-process model, built without moving the random generators: only rank 0
+    builds it, and the ranks' generators must stay in step."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return build_model(cfg, kind, data, device)
+
+
+def check_parallel(cfg: EnsembleConfig, par: SingleProcess) -> None:
+    """``ConfigError`` unless the batch and (when an MoE model is trained) the experts split over the ranks."""
+    par.check_divisible("batch_size", cfg.batch_size)
+    if any(model != "dense" for model in cfg.models):
+        par.check_divisible("num_experts", cfg.num_experts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -334,33 +388,50 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    par, device = from_args(args)
+    try:
+        return _run(args, cfg, par, device)
+    finally:
+        par.close()
+
+
+def _run(args: argparse.Namespace, cfg: EnsembleConfig, par: SingleProcess, device: torch.device) -> int:
+    """``run`` once the ranks (if any) have started; every rank calls this, rank 0 alone writes."""
+    quiet = args.quiet or not par.is_main
+    check_parallel(cfg, par)
     data = load_data(cfg)
     try:
         build_model(cfg, "e3", data, "meta")  # fail on a bad configuration before touching --out
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if data.x_ood is None:
-        _log(args.quiet, f"{data.source} has no x_ood: OOD metrics are left out")
+        _log(quiet, f"{data.source} has no x_ood: OOD metrics are left out")
     out = Path(args.out)
-    resume_from = prepare_out_dir(out, dataclasses.asdict(cfg), resume=args.resume, force=args.force)
+
+    def prepare() -> Path | None:
+        resume_from = prepare_out_dir(out, dataclasses.asdict(cfg), resume=args.resume, force=args.force)
+        if resume_from is None:  # a fresh start: no output of an earlier run may survive next to the new ones
+            for pattern in ("predictions_*.npz", "reliability_*.png", "flops_vs_nll.png"):
+                for path in out.glob(pattern):
+                    path.unlink()
+        return resume_from
+
+    resume_from = par.main_only(prepare)
     job: dict[str, Any] = {"finished": {}, "current": None}
-    if resume_from is None:  # a fresh start: no output of an earlier run may survive next to the new ones
-        for pattern in ("predictions_*.npz", "reliability_*.png", "flops_vs_nll.png"):
-            for path in out.glob(pattern):
-                path.unlink()
-    else:
+    if resume_from is not None:
         state = load_checkpoint(resume_from)
         job = {"finished": state["finished"], "current": state.get("current"), "rng": state["rng"]}
-        _log(args.quiet, f"resuming from {resume_from} ({len(job['finished'])} run(s) finished)")
+        _log(quiet, f"resuming from {resume_from} ({len(job['finished'])} run(s) finished)")
     tensors = to_tensors(data, device)
-    run_all(cfg, data, tensors, device, out, job, args.quiet)
-    env = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    run_all(cfg, data, tensors, device, out, job, quiet, par)
+    env = {"device": par.describe(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "machine": platform.machine(), "python": platform.python_version()}
     vit = dataclasses.asdict(build_model(cfg, "dense", data, "meta").vit)  # the patch size actually used
-    metrics = ensemble_report.write_outputs(out, cfg, data, job["finished"], env, model_runs, vit)
-    print(ensemble_report.metrics_table(metrics))
-    print(f"results in {out}")
+    metrics = par.main_only(lambda: ensemble_report.write_outputs(out, cfg, data, job["finished"], env, model_runs,
+                                                                  vit))
+    if par.is_main:
+        print(ensemble_report.metrics_table(metrics))
+        print(f"results in {out}")
     return 0
 
 

@@ -9,6 +9,9 @@ model(s) instead once per (w_importance, w_load) pair of the paper's Table 6.
 Checkpoints hold the finished models' results and the model in training, named by a step
 counter that runs over all models (model i at its step s is ``i * steps + s``), so one
 ``--resume`` continues the run where it stopped, whichever model that was in.
+
+Under torchrun with ``--expert-parallel`` every model of the run is trained on all ranks: the MoE
+models with their experts sharded, the dense baselines data-parallel (``moekit.train.parallel``).
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch import nn
 
 from moekit.data import KJV_BOOKS, KJV_SPLIT, Vocab, kjv_corpus, text_file_corpus
-from moekit.demo import resolve_device
 from moekit.jobs import lm_report
 from moekit.jobs.lm_train import (
     TrainConfig,
@@ -37,8 +40,9 @@ from moekit.jobs.lm_train import (
     train_model,
 )
 from moekit.models.lstm_lm import LSTMLM, MODEL_NAMES, LSTMLMConfig, body_params, ops_per_timestep, parse_model
-from moekit.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from moekit.train.checkpoint import load_checkpoint, save_checkpoint
 from moekit.train.outdir import ConfigError, OutDirError, checkpoint_path, prepare_out_dir, prune_checkpoints
+from moekit.train.parallel import SINGLE_PROCESS, SingleProcess, add_parallel_arg, from_args
 
 # The (w_importance, w_load) grid of the paper's Table 6.
 ABLATION_GRID: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.2, 0.0), (0.0, 0.2), (0.1, 0.1), (0.01, 0.01),
@@ -144,6 +148,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="FILE", help="UTF-8 text file to use instead of the King James Bible")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch CPU threads (default: torch's choice); not part of the run's configuration")
+    add_parallel_arg(parser, "lm", "N must divide --batch-size and the experts of every MoE model of --models; "
+                                   "every model of the run is trained this way (dense ones data-parallel).")
     for name, (kind, text) in _OPTIONS.items():
         default = _FIXED_DEFAULTS.get(name)
         shown = f"default: {default}" if default is not None else "default: from --preset"
@@ -186,6 +192,44 @@ def check_config(cfg: LMJobConfig) -> None:
             raise ConfigError(str(e)) from e
 
 
+def check_parallel(cfg: LMJobConfig, par: SingleProcess) -> None:
+    """``ConfigError`` unless the global batch and every MoE model's experts split over the ranks."""
+    par.check_divisible("batch_size", cfg.batch_size)
+    for model in cfg.models:
+        spec = parse_model(model)
+        if spec.kind in ("moe", "hmoe"):
+            par.check_divisible(f"the number of experts of {model}", spec.experts)
+
+
+class RowShardDropout(nn.Module):
+    """Dropout on rank r's rows of a global batch, with the mask one process draws for the whole batch.
+
+    ``nn.Dropout`` on each rank would give row i of every rank the same mask (the ranks' generators
+    are in step); drawing the whole batch's mask and keeping this rank's rows gives every row its
+    own, and the single-process run's exactly.
+    """
+
+    def __init__(self, p: float, rank: int, world_size: int):
+        super().__init__()
+        self.p, self.rank, self.world_size = p, rank, world_size
+
+    def forward(self, x_bSD: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x_bSD
+        b = x_bSD.shape[0]
+        shape = (b * self.world_size, *x_bSD.shape[1:])
+        # Dropout draws its mask in the memory order of its input (the LSTM's batch-first output is
+        # [S, B, D] in memory), so the whole batch's mask is laid out as this rank's input is.
+        # Outermost dimension first; a dimension of size 1 (b = 1) goes inside its equal-stride peers.
+        order = sorted(range(x_bSD.dim()), key=lambda d: (x_bSD.stride(d), x_bSD.shape[d] != 1), reverse=True)
+        ones = x_bSD.new_ones([shape[d] for d in order]).permute(*[order.index(d) for d in range(x_bSD.dim())])
+        scale_BSD = torch.nn.functional.dropout(ones, self.p)
+        return x_bSD * scale_BSD[self.rank * b:(self.rank + 1) * b]
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, world_size={self.world_size}"  # the same on every rank, as parallelize checks
+
+
 def load_data(cfg: LMJobConfig) -> LMData:
     """Vocabulary (from the training split only) and the encoded train/valid/test streams."""
     if cfg.data is None:
@@ -212,8 +256,9 @@ def _seed(seed: int) -> None:
 class _Run:
     """The state of a run across its models: finished results, and where training stands."""
 
-    def __init__(self, cfg: LMJobConfig, data: LMData, out: Path, device: torch.device, quiet: bool):
-        self.cfg, self.data, self.out, self.device, self.quiet = cfg, data, out, device, quiet
+    def __init__(self, cfg: LMJobConfig, data: LMData, out: Path, device: torch.device, quiet: bool,
+                 par: SingleProcess):
+        self.cfg, self.data, self.out, self.device, self.quiet, self.par = cfg, data, out, device, quiet, par
         self.trials = cfg.trials()
         self.results: list[dict[str, Any]] = []  # one per finished model, in order
         self.raw: dict[str, dict[str, torch.Tensor]] = {}  # label -> per-token test/valid NLL
@@ -230,41 +275,50 @@ class _Run:
                          + (f", {self.trials[ckpt['trial']].label} at step {ckpt['step']})" if ckpt["model"] else ")"))
 
     def _save(self, index: int, step: int, model=None, opt=None, progress=None) -> None:
+        """Every rank calls this; rank 0 writes the single-process state of the whole model."""
         global_step = index * self.cfg.steps + step
         state = {"trial": index, "step": step, "results": self.results, "raw": self.raw,
                  "vocab": self.data.vocab.to_list(), "model": None, "optimizer": None, "progress": progress,
-                 "rng": capture_rng_state()}
+                 "rng": self.par.capture_rng()}
         if model is not None:
-            state["model"], state["optimizer"] = model.state_dict(), opt.state_dict()
-        save_checkpoint(checkpoint_path(self.out, global_step), state)
-        prune_checkpoints(self.out, keep=1)
+            state["model"], state["optimizer"] = self.par.state_dicts(model, opt)
+
+        def write() -> None:
+            save_checkpoint(checkpoint_path(self.out, global_step), state)
+            prune_checkpoints(self.out, keep=1)
+
+        self.par.main_only(write)
 
     def run_trial(self, index: int) -> None:
         """Build (or restore), train and evaluate model ``index``; record its result."""
         cfg, data, trial = self.cfg, self.data, self.trials[index]
+        par = self.par
         _seed(cfg.seed)  # each model starts from the same seed, whatever ran before it
         mcfg = cfg.model_config(trial, len(data.vocab))
         model = LSTMLM(mcfg, device=self.device)
+        params = body_params(model)  # counted before the experts are sharded
+        if par.world_size > 1:
+            model.drop = RowShardDropout(mcfg.dropout, par.rank, par.world_size)
+        model = par.prepare(model, {"job": dataclasses.asdict(cfg), "trial": index})
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         progress = new_progress()
         if self.resume_state is not None:
             ckpt, self.resume_state = self.resume_state, None
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            restore_rng_state(ckpt["rng"])
+            par.load_state_dicts(model, opt, ckpt["model"], ckpt["optimizer"])
+            par.restore_rng(ckpt["rng"])
             progress = ckpt["progress"]
         desc = f"{trial.label} [{index + 1}/{len(self.trials)}]"
         train_model(model, opt, progress, cfg.train_config(), data.train, data.valid, self.device,
-                    lambda: self._save(index, progress["step"], model, opt, progress), desc, self.quiet)
+                    lambda: self._save(index, progress["step"], model, opt, progress), desc, self.quiet, par)
         t0 = time.perf_counter()
-        valid = evaluate(model, data.valid, cfg.batch_size, cfg.seq_len, self.device)
-        test = evaluate(model, data.test, cfg.batch_size, cfg.seq_len, self.device)
+        valid = evaluate(model, data.valid, cfg.batch_size, cfg.seq_len, self.device, par=par)
+        test = evaluate(model, data.test, cfg.batch_size, cfg.seq_len, self.device, par=par)
         eval_time_s = time.perf_counter() - t0
         spec = parse_model(trial.model)
         self.results.append({
             "name": trial.label, "model": trial.model,
             "experts": spec.experts or None, "k": None if spec.kind == "lstm" else (1 if spec.experts == 1 else cfg.k),
-            "ops_per_timestep": ops_per_timestep(mcfg), "params": body_params(model),
+            "ops_per_timestep": ops_per_timestep(mcfg), "params": params,
             "test_ppl": test.ppl, "valid_ppl": valid.ppl, **balance_metrics(test),
             **train_balance(progress["history"]),
             "w_importance": trial.w_importance, "w_load": trial.w_load,
@@ -278,18 +332,23 @@ class _Run:
 
 
 def execute(cfg: LMJobConfig, out: Path, device: torch.device, *, resume: bool, force: bool,
-            quiet: bool) -> dict[str, Any]:
-    """Train and evaluate every model of ``cfg`` into ``out``; return the metrics written there."""
+            quiet: bool, par: SingleProcess = SINGLE_PROCESS) -> dict[str, Any]:
+    """Train and evaluate every model of ``cfg`` into ``out``; return the metrics written there.
+
+    Under expert parallelism every rank calls this; rank 0 alone writes to ``out``.
+    """
     check_config(cfg)
+    check_parallel(cfg, par)
     data = load_data(cfg)
     # Only now, with the data and every model's config known to work, is the out directory touched.
-    resume_from = prepare_out_dir(out, dataclasses.asdict(cfg), resume=resume, force=force)
-    run = _Run(cfg, data, out, device, quiet)
+    resume_from = par.main_only(lambda: prepare_out_dir(out, dataclasses.asdict(cfg), resume=resume, force=force))
+    run = _Run(cfg, data, out, device, quiet or not par.is_main, par)
     if resume_from is not None:
         run.restore(resume_from)
     for index in range(len(run.results), len(run.trials)):
         run.run_trial(index)
-    return lm_report.write_outputs(out, cfg, data, run.results, run.raw, device, command_line(cfg))
+    return par.main_only(lambda: lm_report.write_outputs(out, cfg, data, run.results, run.raw,
+                                                         par.describe(device), command_line(cfg)))
 
 
 def command_line(cfg: LMJobConfig) -> str | None:
@@ -340,8 +399,13 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError(f"threads={args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
-    metrics = execute(cfg, Path(args.out), resolve_device(args.device), resume=args.resume, force=args.force,
-                      quiet=args.quiet)
-    print(lm_report.summary_table(metrics["models"], cfg.ablation))
-    print(f"results in {args.out}")
+    par, device = from_args(args)
+    try:
+        metrics = execute(cfg, Path(args.out), device, resume=args.resume, force=args.force, quiet=args.quiet,
+                          par=par)
+    finally:
+        par.close()
+    if par.is_main:
+        print(lm_report.summary_table(metrics["models"], cfg.ablation))
+        print(f"results in {args.out}")
     return 0

@@ -249,7 +249,7 @@ def write_report(out: Path, cfg, data, metrics: dict[str, Any]) -> None:
 
 
 def write_outputs(out: Path, cfg, data, results: list[dict[str, Any]], raw: dict[str, dict[str, torch.Tensor]],
-                  device: torch.device, command: str | None = None) -> dict[str, Any]:
+                  device: torch.device | str, command: str | None = None) -> dict[str, Any]:
     """Write raw losses, plots, report.md and metrics.json (last: its presence marks a finished run)."""
     metrics = {
         "models": results,

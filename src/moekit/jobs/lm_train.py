@@ -19,6 +19,7 @@ from tqdm import tqdm
 from moekit.data import eval_batches, lm_batches
 from moekit.models.lstm_lm import LSTMLM
 from moekit.routing.losses import cv_squared
+from moekit.train.parallel import SINGLE_PROCESS, SingleProcess
 from moekit.train.stop import StopRequest
 
 
@@ -94,21 +95,23 @@ class EvalResult(NamedTuple):
 @torch.no_grad()
 def evaluate(
     model: LSTMLM, ids_N: torch.Tensor, batch_size: int, seq_len: int, device: torch.device,
-    max_tokens: int | None = None,
+    max_tokens: int | None = None, par: SingleProcess = SINGLE_PROCESS,
 ) -> EvalResult:
     """Every target of ``ids_N`` (or its first ``max_tokens``) once, in windows of ``seq_len``.
 
-    Each window starts from a zero LSTM state, as the training windows do.
+    Each window starts from a zero LSTM state, as the training windows do. Under expert
+    parallelism each rank computes its rows of every batch and every rank gets the whole result.
     """
     was_training = model.training
     model.eval()
     nll, importance_E, load_E = [], None, None
     for x_BS, y_BS, mask_BS in padded_batches(eval_batches(ids_N, batch_size, seq_len, max_tokens),
                                               batch_size, seq_len):
-        mask_BS = mask_BS.to(device)
-        out = model(x_BS.to(device), mask_BS)
-        nll_BS = F.cross_entropy(out.logits.flatten(0, 1).float(), y_BS.to(device).flatten(), reduction="none")
-        nll.append(nll_BS[mask_BS.flatten()].cpu())
+        mask_bS = par.shard(mask_BS).to(device)
+        out = model(par.shard(x_BS).to(device), mask_bS)
+        nll_bS = F.cross_entropy(out.logits.flatten(0, 1).float(), par.shard(y_BS).to(device).flatten(),
+                                 reduction="none").view(mask_bS.shape)
+        nll.append(par.gather(nll_bS).flatten().cpu()[mask_BS.flatten()])
         if out.stats is not None:
             imp, ld = out.stats.importance.float(), out.stats.load.float()
             importance_E = imp if importance_E is None else importance_E + imp
@@ -156,13 +159,14 @@ def train_balance(history: dict[str, Any], last_fraction: float = 0.1) -> dict[s
 def train_model(
     model: LSTMLM, opt: torch.optim.Optimizer, progress: dict[str, Any], tc: TrainConfig,
     train_ids: torch.Tensor, valid_ids: torch.Tensor, device: torch.device,
-    save: Callable[[], None], desc: str, quiet: bool,
+    save: Callable[[], None], desc: str, quiet: bool, par: SingleProcess = SINGLE_PROCESS,
 ) -> None:
     """Train from ``progress["step"]`` to ``tc.steps``; ``save()`` writes a checkpoint.
 
     Batch ``i`` depends only on ``(seed, i)``, and the RNG state is in every checkpoint, so a run
     resumed from step ``s`` continues exactly as the uninterrupted run did. A Ctrl-C stops after the
-    current step and checkpoints it (a second one interrupts at once).
+    current step and checkpoints it (a second one interrupts at once). Under expert parallelism
+    (``par``) each rank trains on its rows of every batch, and all stop on the same step.
     """
     hist = progress["history"]
     batches = lm_batches(train_ids, tc.batch_size, tc.seq_len, tc.seed, start_step=progress["step"])
@@ -177,27 +181,29 @@ def train_model(
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, tc.lr, tc.warmup)
             x_BS, y_BS = next(batches)
-            out = model(x_BS.to(device))
-            ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y_BS.to(device).flatten())
+            out = model(par.shard(x_BS).to(device))
+            # The mean over this rank's rows; equal rows per rank make the mean over ranks the
+            # mean over the global batch, which is what the synchronised gradients descend.
+            ce = F.cross_entropy(out.logits.flatten(0, 1).float(), par.shard(y_BS).to(device).flatten())
             opt.zero_grad(set_to_none=True)
             (ce + out.aux_loss).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip)
-            opt.step()
-            loss = ce.item()
+            par.clip_and_step(model, opt, tc.clip)
+            loss = par.mean(ce.detach()).item()
             progress["step"], session_steps = step, session_steps + 1
             hist["train_step"].append(step)
             hist["train_loss"].append(loss)
             if out.stats is not None:
                 hist.setdefault("train_balance", []).append(batch_balance(out.stats))
             if step % tc.eval_every == 0 or step == tc.steps:
-                ev = evaluate(model, valid_ids, tc.batch_size, tc.seq_len, device, tc.eval_tokens)
+                ev = evaluate(model, valid_ids, tc.batch_size, tc.seq_len, device, tc.eval_tokens, par)
                 hist["valid_step"].append(step)
                 hist["valid_ppl"].append(ev.ppl)
             progress["elapsed_s"] += time.perf_counter() - t0  # wall time, the validations included
-            if step % tc.checkpoint_every == 0 or step == tc.steps or stop.requested:
+            stopping = par.any(stop.requested)
+            if step % tc.checkpoint_every == 0 or step == tc.steps or stopping:
                 save()
             rate = session_steps * tc.batch_size * tc.seq_len / (time.perf_counter() - session_start)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
-            if stop.requested:
+            if stopping:
                 raise KeyboardInterrupt(f"stopped after step {step} of {desc}; checkpoint saved")

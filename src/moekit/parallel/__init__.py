@@ -24,10 +24,12 @@ __all__ = [
     "clip_grad_norm_",
     "expert_parallel_layers",
     "expert_parameter_names",
+    "full_optimizer_state_dict",
     "full_state_dict",
     "grad_norm",
     "init_distributed",
     "load_distributed",
+    "load_full_optimizer_state_dict",
     "load_full_state_dict",
     "parallelize",
     "save_distributed",
@@ -37,8 +39,8 @@ __all__ = [
 
 # The checkpoint helpers import torch.distributed.checkpoint, about a second per process; every
 # rank of every launch would pay it, so they load on first use.
-_CHECKPOINT_NAMES = ("checkpoint_state", "full_state_dict", "load_distributed", "load_full_state_dict",
-                     "save_distributed")
+_CHECKPOINT_NAMES = ("checkpoint_state", "full_optimizer_state_dict", "full_state_dict", "load_distributed",
+                     "load_full_optimizer_state_dict", "load_full_state_dict", "save_distributed")
 
 
 def __getattr__(name: str):

@@ -7,10 +7,13 @@ own experts, one copy of the replicated tensors is kept, and the metadata record
 weight as a global [E, ...] tensor sharded on its first dimension. ``load_distributed`` asks for
 whatever block the loading rank owns, so a checkpoint saved on W ranks loads on W' ranks (W' = 1:
 a plain single-process model), and a single-process checkpoint loads into an expert-parallel one.
-DCP files hold tensors and plain Python values only; loading runs no code from them.
+DCP reads the ``.metadata`` file of a checkpoint with ``pickle.load``: load only checkpoints you
+trust.
 
-``full_state_dict`` / ``load_full_state_dict`` convert to and from an ordinary ``state_dict`` with
-full expert tensors, for ``torch.save`` files and models that never run distributed.
+``full_state_dict`` / ``load_full_state_dict`` (and ``full_optimizer_state_dict`` /
+``load_full_optimizer_state_dict``) convert to and from an ordinary ``state_dict`` with full expert
+tensors, for ``torch.save`` files (loadable with ``weights_only=True``, which is why the command-line
+jobs use them) and models that never run distributed.
 """
 
 from __future__ import annotations
@@ -138,3 +141,73 @@ def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor]) -> Non
                     raise ValueError(f"{key} has {state[key].shape[0]} experts, the layer has {layer.num_experts}")
                 state[key] = state[key][lo:hi]
     model.load_state_dict(state)
+
+
+def _expert_blocks(model: nn.Module) -> dict[int, tuple[str, int, int, int]]:
+    """id(expert parameter) -> (name, first local expert, end of the local block, E)."""
+    blocks = {}
+    for layer_name, layer in expert_parallel_layers(model):
+        lo = layer.dispatcher.first_expert
+        hi = lo + layer.dispatcher.local_experts
+        prefix = f"{layer_name}.experts." if layer_name else "experts."
+        for name, p in layer.experts.named_parameters():
+            blocks[id(p)] = (prefix + name, lo, hi, layer.num_experts)
+    return blocks
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    # The order of the integer keys of ``optimizer.state_dict()``.
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, group=None) -> dict:
+    """``optimizer.state_dict()`` with the state of each expert weight shaped like it (Adam's
+    moments, say) gathered to the full [E, ...] shape, on every rank: the state dict of the same
+    optimizer on the equivalent single-process model. Every rank of ``group`` calls this."""
+    full = optimizer.state_dict()
+    full["state"] = dict(full["state"])
+    blocks = _expert_blocks(model)
+    world = dist.get_world_size(group) if blocks else 1
+    for index, p in enumerate(_optimizer_params(optimizer)):
+        if id(p) not in blocks:
+            continue
+        name = blocks[id(p)][0]
+        local = full["state"].get(index)
+        # An expert block that never had a gradient has no state; the ranks must agree on that
+        # before gathering, or the collectives below would pair up wrongly.
+        have = torch.tensor([local is not None], dtype=torch.int64, device=p.device)
+        dist.all_reduce(have, group=group)
+        if int(have) == 0:
+            continue
+        if int(have) != world:
+            raise RuntimeError(f"optimizer state of {name} exists on {int(have)} of {world} ranks; "
+                               "cannot gather it into one state dict")
+        gathered = dict(local)
+        for key in sorted(local):
+            value = local[key]
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == p.shape:
+                parts = [torch.empty_like(value) for _ in range(world)]
+                dist.all_gather(parts, value.contiguous(), group=group)
+                gathered[key] = torch.cat(parts)
+        full["state"][index] = gathered
+    return full
+
+
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
+    """Load a single-process optimizer state dict into the optimizer of an expert-parallel ``model``:
+    each rank keeps its own block of every expert weight's state. Works on an ordinary model too."""
+    state = {**full, "state": dict(full["state"])}
+    blocks = _expert_blocks(model)
+    for index, p in enumerate(_optimizer_params(optimizer)):
+        if id(p) not in blocks or index not in state["state"]:
+            continue
+        name, lo, hi, num_experts = blocks[id(p)]
+        param_state = dict(state["state"][index])
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[1:] == p.shape[1:]:
+                if value.shape[0] != num_experts:
+                    raise ValueError(f"optimizer state {key!r} of {name} has {value.shape[0]} experts, "
+                                     f"the layer has {num_experts}")
+                param_state[key] = value[lo:hi].clone()
+        state["state"][index] = param_state
+    optimizer.load_state_dict(state)

@@ -93,7 +93,8 @@ def _src_rank(group) -> int:
 
 def parallelize(model: nn.Module, group=None, extra_config: dict | None = None) -> nn.Module:
     """Expert parallelism for every MoE layer of ``model`` (``HierarchicalMoE`` included), data
-    parallelism for the rest. Returns ``model``, changed in place.
+    parallelism for the rest (the whole model, when it has no MoE layer). Returns ``model``,
+    changed in place.
 
     1. Checks that every rank built the same model (and the same ``extra_config``, e.g. a job's
        settings): a ``ValueError`` naming the first difference otherwise.
@@ -112,10 +113,9 @@ def parallelize(model: nn.Module, group=None, extra_config: dict | None = None) 
         for tensor in [*model.parameters(), *model.buffers()]:
             if not tensor.is_meta:
                 dist.broadcast(tensor, src, group=group)
-    layers = [m for m in model.modules() if isinstance(m, MoE)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no moekit.MoE layer to make expert-parallel")
-    for layer in layers:
+    # A model without MoE layers is left data-parallel only: a job comparing MoE models with
+    # dense baselines runs them all the same way.
+    for layer in [m for m in model.modules() if isinstance(m, MoE)]:
         apply_expert_parallel(layer, group)
     return model
 

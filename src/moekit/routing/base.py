@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from moekit.routing.losses import cv_squared, hard_counts, prob_in_top_k, scatter_to_experts
+from moekit.shards import LOCAL_SHARDS, BatchShards, randn_rows
 from moekit.types import Routing, RoutingStats
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
@@ -83,19 +84,22 @@ class TopK(NamedTuple):
     load_prob: torch.Tensor | None  # [..., E] P(x, i) when noise was drawn and K < E, else None
 
 
-def noisy_top_k(clean: torch.Tensor, noise_std: torch.Tensor | None, k: int) -> TopK:
+def noisy_top_k(clean: torch.Tensor, noise_std: torch.Tensor | None, k: int,
+                shards: BatchShards = LOCAL_SHARDS) -> TopK:
     """Shazeer eq. 3-5 on the last dimension: keep the k largest (noisy) logits, softmax over them.
 
     Args:
-        clean: [..., E] clean logits ``x @ W_g``.
-        noise_std: [..., E] noise std (``softplus(x @ W_noise) + eps``), or None for no noise.
+        clean: [T, ..., E] clean logits ``x @ W_g``.
+        noise_std: [T, ..., E] noise std (``softplus(x @ W_noise) + eps``), or None for no noise.
         k: experts kept per token.
+        shards: the batch the T tokens are a shard of; the noise is this shard's rows of one draw
+            for the whole batch (``moekit.shards.randn_rows``).
     """
     num_experts = clean.shape[-1]
     if noise_std is None:
         top_values, top_idx = clean.topk(k, dim=-1)
         return TopK(top_idx, torch.softmax(top_values, dim=-1), None)
-    noisy = clean + torch.randn_like(clean) * noise_std
+    noisy = clean + randn_rows(clean, shards) * noise_std
     # k+1 values: the (k+1)-th is the threshold of eq. 9 for experts already in the top k.
     top_values, top_idx = noisy.topk(min(k + 1, num_experts), dim=-1)
     gates = torch.softmax(top_values[..., :k], dim=-1)

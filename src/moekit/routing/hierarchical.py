@@ -54,7 +54,7 @@ class HierarchicalRouter(nn.Module):
         x_TD = x_TD.float()
         num_tokens, B, P = x_TD.shape[0], self.experts_per_group, self.k_primary
         clean_TG = x_TD @ self.w_gate.float()
-        primary = noisy_top_k(clean_TG, self._std(x_TD @ self.w_noise.float()), P)
+        primary = noisy_top_k(clean_TG, self._std(x_TD @ self.w_noise.float()), P, self.shards)
 
         gather_TPB = primary.indices[..., None].expand(num_tokens, P, B)
         clean_TPB = torch.einsum("td,gdb->tgb", x_TD, self.w_gate_secondary.float()).gather(1, gather_TPB)
@@ -62,7 +62,7 @@ class HierarchicalRouter(nn.Module):
         if self.training:
             raw_TGB = torch.einsum("td,gdb->tgb", x_TD, self.w_noise_secondary.float())
             std_TPB = self._std(raw_TGB.gather(1, gather_TPB))
-        secondary = noisy_top_k(clean_TPB, std_TPB, self.k_secondary)
+        secondary = noisy_top_k(clean_TPB, std_TPB, self.k_secondary, self.shards)
 
         indices_TK = (primary.indices[..., None] * B + secondary.indices).reshape(num_tokens, -1)
         weights_TK = (primary.gates[..., None] * secondary.gates).reshape(num_tokens, -1)

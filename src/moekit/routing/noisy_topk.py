@@ -58,7 +58,7 @@ class NoisyTopKRouter(nn.Module):
         noise_std_TE = None
         if self.training:
             noise_std_TE = F.softplus(x_TD @ self.w_noise.float()) + self.noise_epsilon
-        top = noisy_top_k(clean_TE, noise_std_TE, self.k)
+        top = noisy_top_k(clean_TE, noise_std_TE, self.k, self.shards)
         weight_T = token_weights(mask_T, x_TD)
         load_E = None
         if top.load_prob is not None:

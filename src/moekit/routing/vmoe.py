@@ -28,18 +28,20 @@ from torch import nn
 
 from moekit.routing.base import check_router_args, check_router_input, finish_routing, register_router, token_weights
 from moekit.routing.losses import cv_squared, prob_in_top_k
-from moekit.shards import LOCAL_SHARDS
+from moekit.shards import LOCAL_SHARDS, BatchShards, randn_rows
 from moekit.types import Routing
 
 
-def vmoe_gates(logits_TE: torch.Tensor, k: int,
-               noise_std: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def vmoe_gates(logits_TE: torch.Tensor, k: int, noise_std: float | None,
+               shards: BatchShards = LOCAL_SHARDS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Top-k of the (noisy) softmax, without renormalisation.
 
     Args:
         logits_TE: [T, E] clean router logits.
         k: experts per token.
         noise_std: std of the Gaussian noise added to the logits, or None for none.
+        shards: the batch the T tokens are a shard of; the noise is this shard's rows of one draw
+            for the whole batch (``moekit.shards.randn_rows``).
     Returns:
         (indices [T, K], gates [T, K], load_prob [T, E] or None). ``load_prob`` is P(x, i) when noise
         was drawn and K < E.
@@ -48,7 +50,7 @@ def vmoe_gates(logits_TE: torch.Tensor, k: int,
     if noise_std is None or noise_std == 0:
         gates_TK, indices_TK = torch.softmax(logits_TE, dim=-1).topk(k, dim=-1)
         return indices_TK, gates_TK, None
-    noisy_TE = logits_TE + noise_std * torch.randn_like(logits_TE)
+    noisy_TE = logits_TE + noise_std * randn_rows(logits_TE, shards)
     gates_TK, indices_TK = torch.softmax(noisy_TE, dim=-1).topk(k, dim=-1)
     load_prob_TE = None
     if k < num_experts:
@@ -90,7 +92,7 @@ class VMoERouter(nn.Module):
         check_router_input(x_TD, mask_T, self.dim)
         logits_TE = x_TD.float() @ self.w_gate.float()
         noise_std = self.noise_std if self.training else None
-        indices_TK, gates_TK, load_prob_TE = vmoe_gates(logits_TE, self.k, noise_std)
+        indices_TK, gates_TK, load_prob_TE = vmoe_gates(logits_TE, self.k, noise_std, self.shards)
         weight_T = token_weights(mask_T, x_TD)
         load_E = None
         if load_prob_TE is not None:
