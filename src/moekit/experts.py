@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.grouped import GroupPlan, grouped_linear, plan_groups
+from moekit.grouped import GroupPlan, grouped_linear, one_group, plan_groups
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}
 BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
@@ -36,9 +36,11 @@ def choose_compute(backend: str, x_ND: torch.Tensor, counts: list[int]) -> tuple
     "auto" stands for grouped_mm where supported; else bmm over padded groups of experts (see
     ``moekit.grouped``) unless that computes more than ``MAX_PADDING_WASTE`` times the real rows
     (tiny batches: fewer than 2 rows per expert on average go straight to the loop); else loop.
+    Off the CPU the padded layout is one group: a kernel launch per group would cost more there
+    than the padding saves.
     """
     if backend == "bmm":
-        return backend, plan_groups(counts)
+        return backend, _plan(x_ND, counts)
     if backend != "auto":
         return backend, None
     if grouped_mm_supported(x_ND):
@@ -46,10 +48,14 @@ def choose_compute(backend: str, x_ND: torch.Tensor, counts: list[int]) -> tuple
     n = sum(counts)
     if n == 0 or n < 2 * len(counts):
         return "loop", None
-    plan = plan_groups(counts)
+    plan = _plan(x_ND, counts)
     if plan.rows <= MAX_PADDING_WASTE * n:
         return "bmm", plan
     return "loop", None
+
+
+def _plan(x_ND: torch.Tensor, counts: list[int]) -> GroupPlan:
+    return plan_groups(counts) if x_ND.device.type == "cpu" else one_group(counts)
 
 
 def resolve_backend(backend: str, x_ND: torch.Tensor, counts: list[int]) -> str:

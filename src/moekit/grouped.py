@@ -95,6 +95,10 @@ def plan_groups(counts: list[int], threads: int | None = None, max_group: int | 
         bounds.append((prev[end], end))
         end = prev[end]
     bounds.reverse()
+    return _layout(bounds, counts)
+
+
+def _layout(bounds: list[tuple[int, int]], counts: list[int]) -> GroupPlan:
     groups, base, row = [], [], 0
     for start, end in bounds:
         cap = max(counts[start:end])
@@ -102,6 +106,11 @@ def plan_groups(counts: list[int], threads: int | None = None, max_group: int | 
         base.extend(row + i * cap for i in range(end - start))
         row += (end - start) * cap
     return GroupPlan(groups, row, base)
+
+
+def one_group(counts: list[int]) -> GroupPlan:
+    """Every expert in one group padded to the largest count (one batched matmul per weight)."""
+    return _layout([(0, len(counts))], counts)
 
 
 def _blocks(t_R: torch.Tensor, g: Group) -> torch.Tensor:

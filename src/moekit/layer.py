@@ -34,10 +34,24 @@ def check_layer_input(x: torch.Tensor, mask: torch.Tensor | None, dim: int) -> N
 
 
 @torch.compiler.disable
-def _dispatch(dispatcher, x_TD, indices_TK, weights_TK, experts) -> torch.Tensor:
-    # Left to eager under torch.compile: segment sizes are data (one trace per batch otherwise),
-    # and the dispatch is a few large matmuls and gathers that compiling cannot speed up.
-    return dispatcher(x_TD, indices_TK, weights_TK, experts)
+def _dispatch_and_count(layer: MoE, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
+                        mask_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Capacity, dispatch and counts: (y [T, D], counts [E] and dropped slots over the whole batch).
+
+    Left to eager under torch.compile: capacities, segment sizes and the dropped count are data (a
+    trace per batch otherwise), and the dispatch is a few large matmuls and gathers that compiling
+    cannot speed up; the router before it compiles.
+    """
+    dropped = indices_TK.new_zeros(())
+    if layer.capacity_factor is not None:
+        keep_TK = layer.keep_within_capacity(indices_TK, weights_TK, mask_T)
+        dropped = ((indices_TK >= 0) & ~keep_TK).sum()
+        indices_TK = torch.where(keep_TK, indices_TK, -1)
+        weights_TK = weights_TK * keep_TK
+    y_TD = layer.dispatcher(x_TD, indices_TK, weights_TK, layer.experts)
+    # Counts and dropped in one tensor: a single reduction when the batch is sharded.
+    totals = layer.shards.sum(torch.cat([hard_counts(indices_TK, layer.num_experts), dropped.reshape(1)]))
+    return y_TD, totals[:-1], int(totals[-1])
 
 
 class MoE(nn.Module):
@@ -103,17 +117,8 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, self.dim)
         mask_T = None if mask is None else mask.reshape(-1)
         routing = self.route(x_TD, mask_T)
-        indices_TK, weights_TK = routing.indices, routing.weights
-        dropped = indices_TK.new_zeros(())
-        if self.capacity_factor is not None:
-            keep_TK = self.keep_within_capacity(indices_TK, weights_TK, mask_T)
-            dropped = ((indices_TK >= 0) & ~keep_TK).sum()
-            indices_TK = torch.where(keep_TK, indices_TK, -1)
-            weights_TK = weights_TK * keep_TK
-        y_TD = _dispatch(self.dispatcher, x_TD, indices_TK, weights_TK, self.experts)
-        # Counts and dropped in one tensor: a single reduction when the batch is sharded.
-        totals = self.shards.sum(torch.cat([hard_counts(indices_TK, self.num_experts), dropped.reshape(1)]))
-        stats = routing.stats._replace(counts=totals[:-1], dropped=int(totals[-1]))
+        y_TD, counts_E, num_dropped = _dispatch_and_count(self, x_TD, routing.indices, routing.weights, mask_T)
+        stats = routing.stats._replace(counts=counts_E, dropped=num_dropped)
         return MoEOutput(y_TD.reshape(x.shape).to(x.dtype), routing.aux_loss, stats)
 
     def keep_within_capacity(self, indices_TK: torch.Tensor, weights_TK: torch.Tensor,

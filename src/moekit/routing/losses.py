@@ -128,7 +128,10 @@ def hard_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[E] long: how many slots route to each expert; -1 (empty) slots are ignored."""
     flat = indices_TK.reshape(-1)
     flat = torch.where(flat < 0, num_experts, flat)
-    return torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+    # index_add into a fixed [E+1], not bincount: the output shape must not depend on the data
+    # (torch.compile traces it then).
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    return counts.index_add_(0, flat, torch.ones_like(flat))[:num_experts]
 
 
 def scatter_to_experts(indices_TK: torch.Tensor, values_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
