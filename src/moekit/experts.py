@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.grouped import GroupPlan, grouped_linear, one_group, plan_groups
+from moekit.grouped import GroupPlan, grouped_linear, grouped_relu_mlp, one_group, plan_groups
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}
 BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
@@ -152,13 +152,10 @@ class Experts(nn.Module):
         matmul per group of experts and weight. Returns [R, D]; padding rows hold act(b1) @ w2 + b2
         (padding reads a real token, so with SwiGLU something of it), and are meant to be ignored."""
         w1, b1, w2, b2, w3 = self._weights(x_RD.dtype)
+        if self.activation == "relu":
+            return grouped_relu_mlp(x_RD, w1, b1, w2, b2, plan)
         h = grouped_linear(x_RD, w1, b1, plan)
-        if w3 is not None:
-            h = F.silu(h) * grouped_linear(x_RD, w3, None, plan)
-        elif self.activation == "relu":
-            h = h.relu_()  # in place: the matmul's backward does not need its output; saves an [R, F]
-        else:
-            h = ACTIVATIONS[self.activation](h)
+        h = F.silu(h) * grouped_linear(x_RD, w3, None, plan) if w3 is not None else ACTIVATIONS[self.activation](h)
         return grouped_linear(h, w2, b2, plan)
 
     def _forward_padded(self, x_ND: torch.Tensor, counts: list[int], plan: GroupPlan) -> torch.Tensor:

@@ -126,3 +126,26 @@ def test_auto_backend_choice_on_cpu():
     assert choose_compute("loop", x, [100] * 8) == ("loop", None)
     backend, plan = choose_compute("bmm", x, [1] + [0] * 63)  # forced: padded all the same
     assert backend == "bmm" and plan.rows >= 1
+
+
+def test_grouped_relu_mlp_equals_the_unfused_layers():
+    from moekit.grouped import grouped_relu_mlp
+
+    counts = [4, 0, 0, 0, 0, 0, 6, 1, 3, 0, 2, 5]
+    plan = plan_groups(counts, threads=2)
+    assert any(g.cap == 0 for g in plan.groups)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(plan.rows, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    w1, b1 = torch.randn(12, 3, 5, dtype=torch.float64), torch.randn(12, 5, dtype=torch.float64)
+    w2, b2 = torch.randn(12, 5, 3, dtype=torch.float64), torch.randn(12, 3, dtype=torch.float64)
+    params = [t.requires_grad_() for t in (w1, b1, w2, b2)]
+    fused = grouped_relu_mlp(x, w1, b1, w2, b2, plan)
+    unfused = grouped_linear(grouped_linear(x, w1, b1, plan).relu(), w2, b2, plan)
+    torch.testing.assert_close(fused, unfused)
+    dy = torch.randn_like(fused)
+    for a, e in zip(torch.autograd.grad(fused, [x, *params], dy), torch.autograd.grad(unfused, [x, *params], dy),
+                    strict=True):
+        torch.testing.assert_close(a, e)
+    assert torch.autograd.gradcheck(lambda *t: grouped_relu_mlp(*t, plan), (x, *params))
+    with pytest.raises(ValueError, match="the plan lays out"):
+        grouped_relu_mlp(x[1:], w1, b1, w2, b2, plan)
