@@ -6,9 +6,10 @@ One batched matmul over all E experts needs every expert padded to the largest c
 uniform random routing that is ~1.25x the real rows at E=256. Splitting the experts into
 contiguous groups (views of the stacked weights, no copy) and padding each group only to its
 own largest count brings that to ~1.05x, while groups of a multiple of the thread count still
-keep every thread busy with whole matrices, as one big batched matmul does. ``plan_groups`` picks the
-split; ``grouped_linear`` computes ``x @ w[e] + b[e]`` over the padded layout, with a backward
-that writes every expert's weight gradient straight into one [E, I, O] tensor.
+keep every thread busy with whole matrices, as one big batched matmul does. ``plan_groups`` picks
+the split (``one_group`` is the single padded batch, for GPUs); ``grouped_linear`` computes
+``x @ w[e] + b[e]`` over the padded layout and ``grouped_relu_mlp`` a whole ReLU expert, with
+backwards that write every expert's weight gradient straight into one [E, I, O] tensor.
 """
 
 from __future__ import annotations
