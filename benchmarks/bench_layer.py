@@ -107,6 +107,7 @@ def run_case(case: Case, device: str, repeats: int) -> dict:
     t = {name: r["median_s"] for name, r in timings.items()}
     row = {"case": asdict(case), "name": case.name, "median_s": t,
            "samples": {n: r["samples"] for n, r in timings.items()},
+           "times_s": {n: r["times_s"] for n, r in timings.items()},
            "efficiency": t["limit"] / t["moekit"],
            "speedup": {b: t[b] / t["moekit"] for b in case.baselines}}
     if case.compile:
