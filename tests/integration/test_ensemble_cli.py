@@ -15,25 +15,6 @@ from moekit.metrics.ood import ood_auroc
 MODELS = ["dense", "vmoe", "e3", "deep-ensemble", "e3-init"]
 
 
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory):
-    # Three classes of 8x8 images, each brightening its own band of rows, plus uniform-noise OOD images.
-    rng = np.random.default_rng(0)
-
-    def make(n):
-        y = rng.integers(0, 3, n)
-        x = rng.integers(0, 60, (n, 8, 8)).astype(np.uint8)
-        for c in range(3):
-            x[y == c, 2 * c:2 * c + 3] += 150
-        return x, y
-
-    (x_train, y_train), (x_test, y_test) = make(64), make(20)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-             x_ood=rng.integers(0, 256, (8, 8, 8)).astype(np.uint8))
-    return path
-
-
 def _args(npz, out, *extra):
     return ["ensemble", "--data", str(npz), "--steps", "4", "--finetune-steps", "2", "--checkpoint-every", "3",
             "--out", str(out), "--quiet", *extra]

@@ -2,7 +2,6 @@
 
 import json
 import math
-import random
 import shutil
 import signal
 
@@ -22,20 +21,6 @@ TINY = ["--dim", "8", "--steps", "4", "--batch-size", "4", "--seq-len", "8", "--
         "--quiet"]
 RESULT_KEYS = {"name", "experts", "k", "ops_per_timestep", "params", "test_ppl", "valid_ppl", "cv_importance",
                "cv_load", "max_mean_load"}
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    """Synthetic lines with structure to learn: runs of consecutive words, steps of 1 or 2."""
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(50)]
-    lines = []
-    for _ in range(300):
-        start, stride = rng.randrange(len(words)), rng.choice((1, 2))
-        lines.append(" ".join(words[(start + j * stride) % len(words)] for j in range(8)) + " .")
-    path = tmp_path_factory.mktemp("data") / "synthetic.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def _lm(out, text_file, *extra):
