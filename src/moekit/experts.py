@@ -58,11 +58,6 @@ def _plan(x_ND: torch.Tensor, counts: list[int]) -> GroupPlan:
     return plan_groups(counts) if x_ND.device.type == "cpu" else one_group(counts)
 
 
-def resolve_backend(backend: str, x_ND: torch.Tensor, counts: list[int]) -> str:
-    """The backend "auto" (or any other) stands for; see ``choose_compute``."""
-    return choose_compute(backend, x_ND, counts)[0]
-
-
 class Experts(nn.Module):
     """E independent FFNs D -> F -> D.
 
@@ -73,7 +68,7 @@ class Experts(nn.Module):
         activation: "relu", "gelu", "silu" or "swiglu" (adds ``w3`` [E, D, F]).
         backend: how the segments are computed: "loop" (one matmul pair per expert), "bmm" (pad
             segments to the largest and use one batched matmul), "grouped_mm" (torch's grouped
-            GEMM), or "auto" (see ``resolve_backend``). Settable after construction.
+            GEMM), or "auto" (see ``choose_compute``). Settable after construction.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "relu",

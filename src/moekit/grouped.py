@@ -20,8 +20,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 # torch's CPU bmm hands whole matrices to its threads: a group of 3 experts on 2 threads runs at the
-# speed of 4 (measured: [136, 512] x [512, 1024] blocks cost 7.0 us/row in groups of 3, 5.4 in
-# groups of 2, 4 or 6). A group is therefore costed as ceil(size / threads) * threads experts.
+# speed of 4 (measured: [136, 512] x [512, 1024] blocks cost 7.0 us/row in groups of 3, 5.4-6.0 in
+# groups of 2, 5.2-5.5 in groups of 4 or 6). A group is therefore costed as ceil(size / threads) *
+# threads experts.
 # Groups longer than MAX_GROUP only lengthen the search.
 MAX_GROUP = 16
 # The fixed cost of one more group (its six matmul calls per step), in padded rows.
