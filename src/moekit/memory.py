@@ -7,6 +7,10 @@ page-faults all of that memory in again: measured here, ~0.45 s of kernel time p
 of a step at E=256. jemalloc and tcmalloc keep freed memory by default; ``keep_freed_memory``
 gives glibc the same behaviour for the whole process. The process then keeps its peak footprint.
 
+glibc (2.36) cannot serve torch's 64-byte-aligned ``posix_memalign`` request from a freed block of
+exactly that size, so in the first steps the heap may grow a few times by a whole tensor before
+freed blocks coalesce into ones that fit; after that a repeated step faults in no new pages.
+
 The same effect without code: ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295``
 in the environment, or preloading jemalloc/tcmalloc (``LD_PRELOAD``).
 """
