@@ -37,7 +37,7 @@ deb-packages:
 	fi
 
 demo: setup
-	$(BIN)/moekit demo --out runs/demo
+	$(BIN)/moekit demo --out runs/demo --resume
 
 test: setup
 	$(BIN)/python -m pytest
