@@ -220,9 +220,9 @@ def ops_per_timestep(cfg: LSTMLMConfig) -> int:
     elif spec.kind == "moe":
         middle = K * 2 * D * F + D * spec.experts
     else:
-        # HierarchicalRouter computes the secondary logits of every group (one [T, G, B] einsum),
-        # and its primary noise logits even in eval mode (where it then drops them).
-        middle = K * 2 * D * F + D * (2 * math.isqrt(spec.experts) + spec.experts)
+        # HierarchicalRouter computes the primary logits over G = sqrt(E) groups and the secondary
+        # logits of every group (one [T, G, B] einsum, D*E).
+        middle = K * 2 * D * F + D * (math.isqrt(spec.experts) + spec.experts)
     return 2 * lstm + middle
 
 

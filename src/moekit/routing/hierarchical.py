@@ -46,15 +46,16 @@ class HierarchicalRouter(nn.Module):
         self.w_noise_secondary = nn.Parameter(torch.zeros(num_groups, dim, experts_per_group, **kw))
         self.shards = LOCAL_SHARDS  # the whole batch the balancing losses see (see moekit.shards)
 
-    def _std(self, logits: torch.Tensor) -> torch.Tensor | None:
-        return F.softplus(logits) + self.noise_epsilon if self.training else None
+    def _std(self, logits: torch.Tensor) -> torch.Tensor:
+        return F.softplus(logits) + self.noise_epsilon
 
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
         check_router_input(x_TD, mask_T, self.dim)
         x_TD = x_TD.float()
         num_tokens, B, P = x_TD.shape[0], self.experts_per_group, self.k_primary
         clean_TG = x_TD @ self.w_gate.float()
-        primary = noisy_top_k(clean_TG, self._std(x_TD @ self.w_noise.float()), P, self.shards)
+        std_TG = self._std(x_TD @ self.w_noise.float()) if self.training else None  # noise only in training
+        primary = noisy_top_k(clean_TG, std_TG, P, self.shards)
 
         gather_TPB = primary.indices[..., None].expand(num_tokens, P, B)
         clean_TPB = torch.einsum("td,gdb->tgb", x_TD, self.w_gate_secondary.float()).gather(1, gather_TPB)
