@@ -132,14 +132,17 @@ class Experts(nn.Module):
         # unbind, not w1[e]: indexing a stacked parameter inside autograd makes each expert's
         # backward allocate a full [E, D, F] gradient; unbind's backward stacks them once.
         w1, b1, w2, b2, w3 = (None if w is None else w.unbind(0) for w in self._weights(x_ND.dtype))
+        # With no rows at all, expert 0 still runs on the empty input: the [0, D] output then
+        # belongs to the autograd graph of the input and the weights, as with rows. Under expert
+        # parallelism a rank whose experts receive no token must still take part in the backward
+        # all-to-alls, which run only for outputs in the graph.
+        live = [e for e, n in enumerate(counts) if n > 0] or [0]
+        segments = x_ND.split(counts)
         outs = []
-        for e, x_e in enumerate(x_ND.split(counts)):
-            if counts[e] == 0:
-                continue
+        for e in live:
+            x_e = segments[e]
             h = self._act(torch.addmm(b1[e], x_e, w1[e]), None if w3 is None else x_e @ w3[e])
             outs.append(torch.addmm(b2[e], h, w2[e]))
-        if not outs:
-            return x_ND.new_zeros(0, self.dim)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def forward_rows(self, x_RD: torch.Tensor, plan: GroupPlan) -> torch.Tensor:

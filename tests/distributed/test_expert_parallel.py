@@ -70,6 +70,8 @@ CASES = {
     "vmoe-train-capacity-bpr": dict(router="vmoe", train=True, cf=1.0, bpr=True, tokens={2: (5, 7)}),
     "empty-rank-capacity": dict(router="noisy_topk", train=True, cf=1.0, tokens={2: (6, 0), 4: (4, 0, 3, 2)}),
     "idle-experts": dict(router="noisy_topk", train=False, experts=8, tokens={2: (9, 1)}),
+    # Every token goes to experts 0 and 1: the last rank's experts receive no row from anyone.
+    "starved-rank": dict(router="noisy_topk", train=True, starve=True, tokens={2: (5, 4)}),
     "switch-masked": dict(router="switch", train=True, masked=True, tokens={2: (5, 6)}),
     "batchwise-train-capacity": dict(router="batchwise", train=True, cf=1.0, tokens={2: (5, 7)}),
     "hierarchical-train-bpr": dict(router="hierarchical", train=True, cf=1.0, bpr=True, tokens={2: (5, 6),
@@ -88,6 +90,8 @@ def build_layer(spec: dict) -> moekit.MoE:
         for name, p in moe.router.named_parameters():
             if name.startswith("w_"):
                 p.normal_(0, 0.7)
+        if spec.get("starve"):  # with positive inputs, experts 2.. never win
+            moe.router.w_gate[:, 2:] = -5.0
     return moe.train(spec["train"])
 
 
@@ -106,6 +110,8 @@ def layer_case(rank: int, world: int, name: str) -> dict:
     rows = slice(start, start + sizes[rank])
     gen = torch.Generator().manual_seed(3)
     x_all, g_all = torch.randn(total, DIM, generator=gen), torch.randn(total, DIM, generator=gen)
+    if spec.get("starve"):
+        x_all = x_all.abs()
     mask_all = torch.rand(total, generator=gen) > 0.3 if spec.get("masked") else None
     full = build_layer(spec)
     ep = apply_expert_parallel(copy.deepcopy(full))
@@ -123,7 +129,8 @@ def layer_case(rank: int, world: int, name: str) -> dict:
     return {
         "y": (out.y, ref.y[rows]), "x_grad": (gx, ref_gx[rows]), "aux": (out.aux_loss, ref.aux_loss),
         "stats": (out.stats, ref.stats), "router_grads": router_grads,
-        "expert_grads": {n: (p.grad, full.experts.get_parameter(n).grad[lo:hi])
+        "expert_grads": {n: (torch.zeros_like(p) if p.grad is None else p.grad,
+                             full.experts.get_parameter(n).grad[lo:hi])
                          for n, p in ep.experts.named_parameters()},
         "local_counts": hard_counts(routed, full.num_experts),
     }
@@ -299,6 +306,8 @@ def test_expert_parallel_layer_equals_local_layer_on_gathered_batch(runs, world,
 def test_cases_cover_empty_batches_and_idle_experts(runs):
     assert runs[2][1]["layer"]["idle-experts"]["local_counts"].eq(0).any()  # rank 1 sends no token to some expert
     assert runs[2][1]["layer"]["empty-rank-capacity"]["y"][0].shape == (0, DIM)
+    starved = runs[2][1]["layer"]["starved-rank"]["stats"][0].counts
+    assert starved[2:].eq(0).all() and starved[:2].gt(0).all()  # rank 1's experts receive nothing
 
 
 def test_training_steps_match_single_process_training_on_the_union_of_batches(runs):
