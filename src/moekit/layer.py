@@ -34,20 +34,24 @@ def check_layer_input(x: torch.Tensor, mask: torch.Tensor | None, dim: int) -> N
 
 
 @torch.compiler.disable
-def _dispatch_and_count(layer: MoE, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
+def _dispatch_and_count(layer: MoE, x_TD: torch.Tensor, routing: Routing,
                         mask_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Capacity, dispatch and counts: (y [T, D], counts [E] and dropped slots over the whole batch).
+
+    Without a capacity every routed slot is computed: the router's counts (already over the whole
+    batch) are the experts' counts, and no collective is needed for them.
 
     Left to eager under torch.compile: capacities, segment sizes and the dropped count are data (a
     trace per batch otherwise), and the dispatch is a few large matmuls and gathers that compiling
     cannot speed up; the router before it compiles.
     """
-    dropped = indices_TK.new_zeros(())
-    if layer.capacity_factor is not None:
-        keep_TK = layer.keep_within_capacity(indices_TK, weights_TK, mask_T)
-        dropped = ((indices_TK >= 0) & ~keep_TK).sum()
-        indices_TK = torch.where(keep_TK, indices_TK, -1)
-        weights_TK = weights_TK * keep_TK
+    indices_TK, weights_TK = routing.indices, routing.weights
+    if layer.capacity_factor is None:
+        return layer.dispatcher(x_TD, indices_TK, weights_TK, layer.experts), routing.stats.counts, 0
+    keep_TK = layer.keep_within_capacity(indices_TK, weights_TK, mask_T)
+    dropped = ((indices_TK >= 0) & ~keep_TK).sum()
+    indices_TK = torch.where(keep_TK, indices_TK, -1)
+    weights_TK = weights_TK * keep_TK
     y_TD = layer.dispatcher(x_TD, indices_TK, weights_TK, layer.experts)
     # Counts and dropped in one tensor: a single reduction when the batch is sharded.
     totals = layer.shards.sum(torch.cat([hard_counts(indices_TK, layer.num_experts), dropped.reshape(1)]))
@@ -117,7 +121,7 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, self.dim)
         mask_T = None if mask is None else mask.reshape(-1)
         routing = self.route(x_TD, mask_T)
-        y_TD, counts_E, num_dropped = _dispatch_and_count(self, x_TD, routing.indices, routing.weights, mask_T)
+        y_TD, counts_E, num_dropped = _dispatch_and_count(self, x_TD, routing, mask_T)
         stats = routing.stats._replace(counts=counts_E, dropped=num_dropped)
         return MoEOutput(y_TD.reshape(x.shape).to(x.dtype), routing.aux_loss, stats)
 
@@ -128,16 +132,22 @@ class MoE(nn.Module):
         Capacity and claim order are those of the whole batch: when it is sharded over processes
         (``self.shards``), shard r's tokens come after those of shards 0..r-1.
         """
-        num_real = indices_TK.shape[0] if mask_T is None else mask_T.sum()
-        num_real = int(self.shards.sum(torch.as_tensor(num_real, device=indices_TK.device)))
+        # Only batch-prioritised routing reads the gates (it orders tokens by their top gate); it
+        # gathers them with the indices, in one collective (float64 holds every index exactly).
+        if self.batch_prioritized and self.shards.count > 1:
+            both_T2K, start = self.shards.gather(torch.cat([indices_TK.double(), weights_TK.detach().double()], 1))
+            all_indices_TK, all_weights_TK = both_T2K.split(indices_TK.shape[1], dim=1)
+            all_indices_TK, all_weights_TK = all_indices_TK.long(), all_weights_TK.to(weights_TK.dtype)
+        else:
+            all_indices_TK, start = self.shards.gather(indices_TK)
+            all_weights_TK = (weights_TK.detach() if self.batch_prioritized
+                              else weights_TK.new_zeros(all_indices_TK.shape))
+        if mask_T is None:  # the gathered rows are the whole batch's tokens
+            num_real = all_indices_TK.shape[0]
+        else:
+            num_real = int(self.shards.sum(mask_T.sum()))
         cap = expert_capacity(num_real, indices_TK.shape[1], self.capacity_factor, self.num_experts,
                               self.capacity_multiple)
-        all_indices_TK, start = self.shards.gather(indices_TK)
-        # Only batch-prioritised routing reads the gates (it orders tokens by their top gate).
-        if self.batch_prioritized:
-            all_weights_TK = self.shards.gather(weights_TK.detach())[0]
-        else:
-            all_weights_TK = weights_TK.new_zeros(all_indices_TK.shape)
         keep_TK = capacity_keep(all_indices_TK, all_weights_TK, self.num_experts, cap, self.batch_prioritized)
         return keep_TK[start : start + indices_TK.shape[0]]
 

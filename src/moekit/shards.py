@@ -21,8 +21,11 @@ class BatchShards(Protocol):
     """The shards of one batch, in shard (rank) order.
 
     ``sum(x)``: elementwise sum of ``x`` over all shards; differentiable in ``x``.
+    ``sum_many(*xs)``: ``tuple(sum(x) for x in xs)`` at the cost of one ``sum`` (one collective).
     ``gather(x_T)``: (the rows of ``x_T`` [T, ...] of every shard concatenated in shard order, the
     index of this shard's first row in it); not differentiable.
+    ``rows(n, device)``: (the number of rows of the whole batch, the index of this shard's first
+    row), given this shard's ``n`` rows (``device``: where the collective's tensors live).
     ``count``: the number of shards.
     """
 
@@ -30,7 +33,11 @@ class BatchShards(Protocol):
 
     def sum(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    def sum_many(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
     def gather(self, x_T: torch.Tensor) -> tuple[torch.Tensor, int]: ...
+
+    def rows(self, n: int, device: torch.device) -> tuple[int, int]: ...
 
 
 class LocalShards:
@@ -41,8 +48,14 @@ class LocalShards:
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def sum_many(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return xs
+
     def gather(self, x_T: torch.Tensor) -> tuple[torch.Tensor, int]:
         return x_T, 0
+
+    def rows(self, n: int, device: torch.device) -> tuple[int, int]:
+        return n, 0
 
     def __repr__(self) -> str:
         return "LocalShards()"
@@ -62,6 +75,6 @@ def randn_rows(like_T: torch.Tensor, shards: BatchShards = LOCAL_SHARDS) -> torc
     """
     if shards.count == 1:
         return torch.randn_like(like_T)
-    all_T, start = shards.gather(like_T.new_zeros(like_T.shape[0]))
-    table = torch.randn_like(like_T.new_empty((all_T.shape[0], *like_T.shape[1:])))
+    total, start = shards.rows(like_T.shape[0], like_T.device)
+    table = torch.randn_like(like_T.new_empty((total, *like_T.shape[1:])))
     return table[start:start + like_T.shape[0]]

@@ -206,8 +206,34 @@ def errors_of(fn) -> str:
     return "no error"
 
 
+COLLECTIVES = ("all_reduce", "all_gather", "all_to_all_single", "broadcast")
+
+
+def collectives_per_step(capacity_factor: float | None) -> tuple[dict, dict]:
+    """The collectives one training step of a noisy top-k layer makes: (forward, backward) by name."""
+    counts: dict[str, int] = {}
+
+    def counting(name):
+        real = getattr(dist, name)
+
+        def call(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return real(*args, **kwargs)
+        return call
+
+    moe = apply_expert_parallel(build_layer(dict(router="noisy_topk", train=True, cf=capacity_factor)))
+    x = torch.randn(6, DIM, requires_grad=True)
+    with mock.patch.multiple(dist, **{name: counting(name) for name in COLLECTIVES}):
+        out = moe(x)
+        forward = dict(counts)
+        counts.clear()
+        (out.y.sum() + out.aux_loss).backward()
+    return forward, dict(counts)
+
+
 def two_rank_run(rank: int, world: int, ckpt_1: str, ckpt_2: str) -> dict:
     res = {"layer": {name: layer_case(rank, world, name) for name, spec in CASES.items() if world in spec["tokens"]}}
+    res["collectives"] = {cf: collectives_per_step(cf) for cf in (None, 1.0)}
     res["bad_config"] = errors_of(lambda: check_same_config(TinyLM(0) if rank == 0 else nn.Linear(2, 2)))
     res["bad_split"] = errors_of(lambda: apply_expert_parallel(moekit.MoE(4, 3, k=2)))
 
@@ -335,6 +361,19 @@ def test_single_process_checkpoint_loads_into_expert_parallel_model(runs):
     for res in runs[2]:
         for key, value in want.items():
             assert torch.equal(res["from_single"][key], value), key
+
+
+def test_a_layer_step_makes_few_collectives(runs):
+    # Noisy top-k in training, per layer and step: the batch size for the noise draw, one all-reduce
+    # of counts, importance and load together, and the three all-to-alls of dispatch (counts, rows
+    # there, rows back); backward: the statistics' all-reduce and the two row all-to-alls.
+    forward, backward = runs[2][0]["collectives"][None]
+    assert forward == {"all_gather": 1, "all_reduce": 1, "all_to_all_single": 3}
+    assert backward == {"all_reduce": 1, "all_to_all_single": 2}
+    # A capacity adds the gathered routing (sizes, indices) and the post-drop counts.
+    forward, backward = runs[2][0]["collectives"][1.0]
+    assert forward == {"all_gather": 3, "all_reduce": 2, "all_to_all_single": 3}
+    assert backward == {"all_reduce": 1, "all_to_all_single": 2}
 
 
 def test_failures_are_loud(runs):

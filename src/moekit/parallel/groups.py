@@ -95,11 +95,25 @@ class ProcessGroupShards:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def sum_many(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # One all-reduce of every tensor as one float64 vector (exact for integer counts below
+        # 2^53); each part goes back to its own dtype. Differentiable like ``sum``.
+        flat = self.sum(torch.cat([x.reshape(-1).to(torch.float64) for x in xs]))
+        parts = flat.split([x.numel() for x in xs])
+        return tuple(part.view(x.shape).to(x.dtype) for part, x in zip(parts, xs, strict=True))
+
+    def _sizes(self, n: int, device: torch.device) -> list[int]:
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(self.count)]
+        dist.all_gather(sizes, torch.tensor([n], device=device), group=self.group)
+        return [int(s) for s in sizes]
+
+    def rows(self, n: int, device: torch.device) -> tuple[int, int]:
+        sizes = self._sizes(n, device)
+        return sum(sizes), sum(sizes[: dist.get_rank(self.group)])
+
     def gather(self, x_T: torch.Tensor) -> tuple[torch.Tensor, int]:
         x_T = x_T.detach().contiguous()
-        sizes = [torch.zeros(1, dtype=torch.long, device=x_T.device) for _ in range(self.count)]
-        dist.all_gather(sizes, torch.tensor([x_T.shape[0]], device=x_T.device), group=self.group)
-        sizes = [int(s) for s in sizes]
+        sizes = self._sizes(x_T.shape[0], x_T.device)
         # all_gather needs equal shapes: pad every shard to the longest, then cut.
         padded = x_T.new_zeros((max(sizes), *x_T.shape[1:]))
         padded[: x_T.shape[0]] = x_T

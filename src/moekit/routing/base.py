@@ -117,28 +117,38 @@ def finish_routing(
     load_E: torch.Tensor | None,
     extra_losses: dict[str, torch.Tensor],
     coefficients: dict[str, float],
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    shards: BatchShards = LOCAL_SHARDS,
+    *,
+    load_reduced: bool = False,
+    importance_E: torch.Tensor | None = None,
 ) -> Routing:
     """Mask padding slots, compute importance/load/CV^2 and the weighted aux loss.
 
     Args:
         indices_TK, weights_TK: the routing of every token.
         weight_T: [T] 0/1 (0 = padding) or None.
-        load_E: [E] smooth load, or None to use the hard count.
+        load_E: [E] smooth load of this shard's tokens, or None to use the hard count. With
+            ``load_reduced`` it is the whole batch's already (the hierarchical load is not a sum
+            over tokens).
         extra_losses: unweighted losses beyond importance/load.
         coefficients: loss name -> weight; losses without a coefficient are reported only, and a
             coefficient whose loss is absent (e.g. a training-only loss in eval) adds nothing.
-        reduce: sums a per-expert statistic over every shard of a batch split across processes
-            (``BatchShards.sum``; None: the batch is whole). A given ``load_E`` must be summed already.
+        shards: the batch this shard belongs to (``moekit.shards``). Counts, importance and load
+            are summed over it in one collective before CV^2, which is not additive.
+        importance_E: [E] this shard's importance when it is not the sum of the kept gates
+            (V-MoE sums the whole softmax); padding already weighted out.
     """
     if weight_T is not None:
         real_T1 = weight_T[:, None] > 0
         indices_TK = torch.where(real_T1, indices_TK, torch.full_like(indices_TK, -1))
         weights_TK = weights_TK * weight_T[:, None].to(weights_TK.dtype)
     counts_E = hard_counts(indices_TK, num_experts)
-    importance_E = scatter_to_experts(indices_TK, weights_TK, num_experts)
-    if reduce is not None:  # CV^2 is not additive: reduce the sums before taking it
-        counts_E, importance_E = reduce(counts_E), reduce(importance_E)
+    if importance_E is None:
+        importance_E = scatter_to_experts(indices_TK, weights_TK, num_experts)
+    if load_E is not None and not load_reduced:
+        counts_E, importance_E, load_E = shards.sum_many(counts_E, importance_E, load_E)
+    else:
+        counts_E, importance_E = shards.sum_many(counts_E, importance_E)
     if load_E is None:
         load_E = counts_E.to(importance_E.dtype)
     losses = {"importance": cv_squared(importance_E), "load": cv_squared(load_E), **extra_losses}

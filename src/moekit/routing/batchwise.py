@@ -90,7 +90,7 @@ class BatchwiseRouter(nn.Module):
         if self.training:
             keep_TE = self.batch_mask(logits_TE, mask_T)
             extra["threshold"] = batchwise_threshold_loss(logits_TE, thresholds_E, keep_TE, weight_T,
-                                                          self.shards.sum)
+                                                          self.shards)
         else:
             keep_TE = logits_TE > thresholds_E
         if mask_T is not None:
@@ -103,7 +103,7 @@ class BatchwiseRouter(nn.Module):
         indices_TK, weights_TK = mask_to_routing(keep_TE, gates_TE, width)
         coefs = {"importance": self.w_importance, "load": self.w_load, "threshold": self.w_threshold}
         return finish_routing(indices_TK, weights_TK, self.num_experts, weight_T, None, extra, coefs,
-                              self.shards.sum)
+                              self.shards)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"

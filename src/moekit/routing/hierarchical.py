@@ -72,20 +72,21 @@ class HierarchicalRouter(nn.Module):
         if primary.load_prob is not None or secondary.load_prob is not None:
             load_E = self._smooth_load(primary, secondary, weight_T, num_tokens)
         return finish_routing(indices_TK, weights_TK, self.num_experts, weight_T, load_E, {},
-                              {"importance": self.w_importance, "load": self.w_load}, self.shards.sum)
+                              {"importance": self.w_importance, "load": self.w_load}, self.shards,
+                              load_reduced=True)
 
     def _smooth_load(self, primary, secondary, weight_T, num_tokens: int) -> torch.Tensor:
         """Eq. 14. A level without noise (k == its expert count) contributes its hard count.
 
-        Eq. 14 is not additive over tokens: each of its three sums covers the whole batch.
+        Eq. 14 is not additive over tokens: each of its three sums covers the whole batch (summed
+        over the shards in one collective).
         """
-        total = self.shards.sum
         G, B, P = self.num_groups, self.experts_per_group, self.k_primary
         w_T = torch.ones(num_tokens, device=primary.gates.device) if weight_T is None else weight_T
         routed_TP = torch.where(w_T[:, None] > 0, primary.indices, -1)
-        members_G = total(hard_counts(routed_TP, G).float())  # |X^(i)|
+        members_G = hard_counts(routed_TP, G).float()  # |X^(i)|
         if primary.load_prob is not None:
-            load_primary_G = total((primary.load_prob * w_T[:, None]).sum(0))
+            load_primary_G = (primary.load_prob * w_T[:, None]).sum(0)
         else:
             load_primary_G = members_G
         if secondary.load_prob is not None:
@@ -93,8 +94,9 @@ class HierarchicalRouter(nn.Module):
         else:
             prob_TPB = torch.zeros(num_tokens, P, B, device=w_T.device).scatter_(-1, secondary.indices, 1.0)
             prob_TPB = prob_TPB * w_T[:, None, None]
-        load_secondary_GB = total(prob_TPB.new_zeros(G, B).index_add(0, primary.indices.reshape(-1),
-                                                                     prob_TPB.reshape(-1, B)))
+        load_secondary_GB = prob_TPB.new_zeros(G, B).index_add(0, primary.indices.reshape(-1), prob_TPB.reshape(-1, B))
+        members_G, load_primary_G, load_secondary_GB = self.shards.sum_many(members_G, load_primary_G,
+                                                                           load_secondary_GB)
         load_GB = load_primary_G[:, None] * load_secondary_GB / members_G.clamp_min(1.0)[:, None]
         return load_GB.reshape(-1)
 

@@ -9,22 +9,17 @@ dtype it is given (routers call it in float32).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
+
+from moekit.shards import LOCAL_SHARDS, BatchShards
 
 # Added to the denominator of CV^2 (as tensor2tensor's cv_squared does) so an all-zero vector
 # gives 0 instead of NaN.
 CV_EPS = 1e-10
 
-# ``reduce`` arguments below: a function summing a tensor over every shard of a batch split across
-# processes (``moekit.shards.BatchShards.sum``), so a mean over tokens is the whole batch's mean.
-# None: the batch is whole.
-Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _no_reduce(x: torch.Tensor) -> torch.Tensor:
-    return x
+# ``shards`` arguments below: the batch split across processes that a mean over tokens covers
+# (``moekit.shards``); the default is a whole batch in one process.
 
 
 def cv_squared(x_E: torch.Tensor, eps: float = CV_EPS) -> torch.Tensor:
@@ -82,7 +77,7 @@ def prob_in_top_k(
 
 
 def switch_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor, num_experts: int,
-                weight_T: torch.Tensor | None = None, reduce: Reduce | None = None) -> torch.Tensor:
+                weight_T: torch.Tensor | None = None, shards: BatchShards = LOCAL_SHARDS) -> torch.Tensor:
     """Switch Transformer load-balancing loss ``E * sum_i f_i * P_i``.
 
     ``f_i`` is the fraction of routed slots sent to expert i (no gradient), ``P_i`` the mean router
@@ -93,35 +88,36 @@ def switch_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor, num_experts: i
         indices_TK: [T, K] chosen experts (-1 for an empty slot).
         num_experts: E.
         weight_T: optional [T] 0/1 weights (0 for padding tokens).
-        reduce: sums over the shards of a sharded batch (see above).
+        shards: the batch the T tokens are a shard of (see above).
     """
-    reduce = reduce or _no_reduce
     if weight_T is None:
         weight_T = probs_TE.new_ones(probs_TE.shape[0])
-    n_tokens = reduce(weight_T.sum()).clamp_min(1.0)
-    slot_counts_E = reduce(hard_counts(indices_TK, num_experts)).to(probs_TE.dtype)
+    n_tokens, slot_counts_E, p_sum_E = shards.sum_many(weight_T.sum(), hard_counts(indices_TK, num_experts),
+                                                       (probs_TE * weight_T[:, None]).sum(0))
+    slot_counts_E = slot_counts_E.to(probs_TE.dtype)
     f_E = slot_counts_E / slot_counts_E.sum().clamp_min(1.0)
-    p_E = reduce((probs_TE * weight_T[:, None]).sum(0)) / n_tokens
+    p_E = p_sum_E / n_tokens.clamp_min(1.0)
     return num_experts * (f_E * p_E).sum()
 
 
 def z_loss(logits_TE: torch.Tensor, weight_T: torch.Tensor | None = None,
-           reduce: Reduce | None = None) -> torch.Tensor:
+           shards: BatchShards = LOCAL_SHARDS) -> torch.Tensor:
     """Router z-loss (ST-MoE): mean over tokens of ``logsumexp(logits)^2``.
 
     Keeps router logits small, which keeps the softmax out of its saturated, round-off-prone regime.
     """
     lse_T = torch.logsumexp(logits_TE, dim=-1).pow(2)
-    if weight_T is None and reduce is None:
-        return lse_T.mean()
-    return _weighted_mean(lse_T, weight_T, reduce or _no_reduce)
+    return _weighted_mean(lse_T, weight_T, shards)
 
 
-def _weighted_mean(v_T: torch.Tensor, weight_T: torch.Tensor | None, reduce: Reduce) -> torch.Tensor:
+def _weighted_mean(v_T: torch.Tensor, weight_T: torch.Tensor | None, shards: BatchShards) -> torch.Tensor:
     """``sum(v * w) / sum(w)`` over the whole batch (0 when it has no real token)."""
+    if weight_T is None and shards.count == 1:
+        return v_T.mean()
     if weight_T is None:
         weight_T = v_T.new_ones(v_T.shape)
-    return reduce((v_T * weight_T).sum()) / reduce(weight_T.sum()).clamp_min(1.0)
+    total, count = shards.sum_many((v_T * weight_T).sum(), weight_T.sum())
+    return total / count.clamp_min(1.0)
 
 
 def hard_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -144,7 +140,7 @@ def scatter_to_experts(indices_TK: torch.Tensor, values_TK: torch.Tensor, num_ex
 
 def batchwise_threshold_loss(
     logits_TE: torch.Tensor, thresholds_E: torch.Tensor, batch_mask_TE: torch.Tensor,
-    weight_T: torch.Tensor | None = None, reduce: Reduce | None = None,
+    weight_T: torch.Tensor | None = None, shards: BatchShards = LOCAL_SHARDS,
 ) -> torch.Tensor:
     """Appendix F's threshold loss, averaged over tokens.
 
@@ -157,11 +153,9 @@ def batchwise_threshold_loss(
         thresholds_E: [E] learned thresholds T.
         batch_mask_TE: [T, E] bool, the batchwise (top-m per expert) mask.
         weight_T: optional [T] 0/1 weights (0 for padding tokens).
-        reduce: sums over the shards of a sharded batch (see above).
+        shards: the batch the T tokens are a shard of (see above).
     """
     thr_mask = (logits_TE > thresholds_E).to(logits_TE.dtype)
     diff = (thr_mask - batch_mask_TE.to(logits_TE.dtype)) * (logits_TE - thresholds_E)
     per_token = diff.sum(-1)
-    if weight_T is None and reduce is None:
-        return per_token.mean()
-    return _weighted_mean(per_token, weight_T, reduce or _no_reduce)
+    return _weighted_mean(per_token, weight_T, shards)

@@ -63,9 +63,9 @@ class NoisyTopKRouter(nn.Module):
         load_E = None
         if top.load_prob is not None:
             prob_TE = top.load_prob if weight_T is None else top.load_prob * weight_T[:, None]
-            load_E = self.shards.sum(prob_TE.sum(0))
+            load_E = prob_TE.sum(0)  # this shard's; summed with the counts and importance
         return finish_routing(top.indices, top.gates, self.num_experts, weight_T, load_E, {},
-                              {"importance": self.w_importance, "load": self.w_load}, self.shards.sum)
+                              {"importance": self.w_importance, "load": self.w_load}, self.shards)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, noise_epsilon={self.noise_epsilon}"

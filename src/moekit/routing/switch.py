@@ -41,11 +41,10 @@ class SwitchRouter(nn.Module):
         gates_TK, indices_TK = probs_TE.topk(self.k, dim=-1)
         weight_T = None if mask_T is None else mask_T.float()
         routed_TK = indices_TK if mask_T is None else indices_TK.masked_fill(~mask_T[:, None], -1)
-        reduce = self.shards.sum
-        extra = {"switch": switch_loss(probs_TE, routed_TK, self.num_experts, weight_T, reduce),
-                 "z": z_loss(logits_TE, weight_T, reduce)}
+        extra = {"switch": switch_loss(probs_TE, routed_TK, self.num_experts, weight_T, self.shards),
+                 "z": z_loss(logits_TE, weight_T, self.shards)}
         return finish_routing(indices_TK, gates_TK, self.num_experts, weight_T, None, extra,
-                              {"importance": self.w_importance, "switch": self.w_load, "z": self.w_z}, reduce)
+                              {"importance": self.w_importance, "switch": self.w_load, "z": self.w_z}, self.shards)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"

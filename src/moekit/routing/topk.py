@@ -43,7 +43,7 @@ class TopKRouter(nn.Module):
         clean_TE = x_TD.float() @ self.w_gate.float()
         top = noisy_top_k(clean_TE, None, self.k)
         return finish_routing(top.indices, top.gates, self.num_experts, token_weights(mask_T, x_TD), None,
-                              {}, {"importance": self.w_importance, "load": self.w_load}, self.shards.sum)
+                              {}, {"importance": self.w_importance, "load": self.w_load}, self.shards)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"

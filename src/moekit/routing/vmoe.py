@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from moekit.routing.base import check_router_args, check_router_input, finish_routing, register_router, token_weights
-from moekit.routing.losses import cv_squared, prob_in_top_k
+from moekit.routing.losses import prob_in_top_k
 from moekit.shards import LOCAL_SHARDS, BatchShards, randn_rows
 from moekit.types import Routing
 
@@ -96,15 +96,13 @@ class VMoERouter(nn.Module):
         weight_T = token_weights(mask_T, x_TD)
         load_E = None
         if load_prob_TE is not None:
-            load_E = self.shards.sum((load_prob_TE if weight_T is None else load_prob_TE * weight_T[:, None]).sum(0))
-        routing = finish_routing(indices_TK, gates_TK, self.num_experts, weight_T, load_E, {}, {}, self.shards.sum)
+            load_E = (load_prob_TE if weight_T is None else load_prob_TE * weight_T[:, None]).sum(0)
         # V-MoE's importance is over the whole clean softmax, not only the kept gates.
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        importance_E = self.shards.sum((probs_TE if weight_T is None else probs_TE * weight_T[:, None]).sum(0))
-        losses = {**routing.stats.losses, "importance": cv_squared(importance_E)}
-        aux = self.w_importance * losses["importance"] + self.w_load * losses["load"]
-        stats = routing.stats._replace(importance=importance_E, losses=losses)
-        return routing._replace(aux_loss=aux, stats=stats)
+        importance_E = (probs_TE if weight_T is None else probs_TE * weight_T[:, None]).sum(0)
+        return finish_routing(indices_TK, gates_TK, self.num_experts, weight_T, load_E, {},
+                              {"importance": self.w_importance, "load": self.w_load}, self.shards,
+                              importance_E=importance_E)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, noise_std={self.noise_std:g}"
