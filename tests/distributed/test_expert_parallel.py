@@ -74,6 +74,7 @@ CASES = {
     "starved-rank": dict(router="noisy_topk", train=True, starve=True, tokens={2: (5, 4)}),
     "switch-masked": dict(router="switch", train=True, masked=True, tokens={2: (5, 6)}),
     "batchwise-train-capacity": dict(router="batchwise", train=True, cf=1.0, tokens={2: (5, 7)}),
+    "batchwise-masked": dict(router="batchwise", train=True, masked=True, tokens={2: (6, 5)}),
     "hierarchical-train-bpr": dict(router="hierarchical", train=True, cf=1.0, bpr=True, tokens={2: (5, 6),
                                                                                                4: (2, 6, 3, 5)}),
 }

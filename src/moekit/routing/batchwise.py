@@ -68,18 +68,24 @@ class BatchwiseRouter(nn.Module):
 
     def batch_mask(self, logits_TE: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
         """[T, E] bool: each expert's top-m real tokens of the whole batch (every shard of it)."""
-        num_real = logits_TE.shape[0] if mask_T is None else mask_T.sum()
-        num_real = int(self.shards.sum(torch.as_tensor(num_real, device=logits_TE.device)))
-        m = batchwise_m(num_real, self.num_experts, self.k)
+        all_mask_TE, start = self._whole_batch_mask(logits_TE, mask_T)
+        return all_mask_TE[start : start + logits_TE.shape[0]]
+
+    def _whole_batch_mask(self, logits_TE: torch.Tensor, mask_T: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """([T_all, E] bool top-m mask over the rows of every shard, this shard's first row)."""
         scores_TE = logits_TE.detach()
         if mask_T is not None:
             scores_TE = scores_TE.masked_fill(~mask_T[:, None], float("-inf"))
         all_scores_TE, start = self.shards.gather(scores_TE)
+        # Padding rows are -inf and real rows finite, so the gathered rows give the real-token count.
+        num_real = int(torch.isfinite(all_scores_TE[:, 0]).sum()) if mask_T is not None or self.shards.count > 1 \
+            else all_scores_TE.shape[0]
+        m = batchwise_m(num_real, self.num_experts, self.k)
         out = torch.zeros_like(all_scores_TE, dtype=torch.bool)
         if m:
             top_tokens_mE = all_scores_TE.topk(m, dim=0).indices
             out.scatter_(0, top_tokens_mE, True)
-        return out[start : start + logits_TE.shape[0]]
+        return out, start
 
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
         check_router_input(x_TD, mask_T, self.dim)
@@ -88,18 +94,23 @@ class BatchwiseRouter(nn.Module):
         weight_T = None if mask_T is None else mask_T.float()
         extra = {}
         if self.training:
-            keep_TE = self.batch_mask(logits_TE, mask_T)
+            all_keep_TE, start = self._whole_batch_mask(logits_TE, mask_T)
+            keep_TE = all_keep_TE[start : start + logits_TE.shape[0]]
+            if mask_T is not None:
+                keep_TE = keep_TE & mask_T[:, None]
+            # The widest token of the whole batch sets K', which the capacity step reads as k; the
+            # whole batch's mask is at hand (top-m never picks a padding row: m <= real tokens).
+            width = max(1, int(all_keep_TE.sum(-1).max())) if all_keep_TE.numel() else 1
             extra["threshold"] = batchwise_threshold_loss(logits_TE, thresholds_E, keep_TE, weight_T,
                                                           self.shards)
         else:
             keep_TE = logits_TE > thresholds_E
-        if mask_T is not None:
-            keep_TE = keep_TE & mask_T[:, None]
+            if mask_T is not None:
+                keep_TE = keep_TE & mask_T[:, None]
+            width_1 = keep_TE.sum(-1).max().reshape(1) if keep_TE.numel() else keep_TE.new_zeros(1, dtype=torch.long)
+            width = max(1, int(self.shards.gather(width_1)[0].max()))
         probs_TE = torch.softmax(logits_TE, dim=-1) * keep_TE
         gates_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(probs_TE.dtype).tiny)
-        # The widest token of the whole batch sets K', which the capacity step reads as k.
-        width_1 = keep_TE.sum(-1).max().reshape(1) if keep_TE.numel() else keep_TE.new_zeros(1, dtype=torch.long)
-        width = max(1, int(self.shards.gather(width_1)[0].max()))
         indices_TK, weights_TK = mask_to_routing(keep_TE, gates_TE, width)
         coefs = {"importance": self.w_importance, "load": self.w_load, "threshold": self.w_threshold}
         return finish_routing(indices_TK, weights_TK, self.num_experts, weight_T, None, extra, coefs,
