@@ -12,16 +12,13 @@ expert-parallel layer adds on top of moving the token rows.
 from __future__ import annotations
 
 import argparse
-import collections
-from unittest import mock
 
 import torch
-import torch.distributed as dist
 
 import moekit
-from moekit.parallel import apply_expert_parallel, spawn_local
+from moekit.parallel import apply_expert_parallel, counting_collectives, spawn_local
+from moekit.parallel.groups import COLLECTIVES
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_to_all_single", "broadcast", "reduce_scatter")
 DIM, HIDDEN, TOKENS = 16, 32, 24
 
 # name -> (layer arguments, training mode)
@@ -41,16 +38,6 @@ CONFIGS = {
 
 def count_rank(rank: int, world: int) -> dict[str, tuple[dict, dict]]:
     """Per configuration: (forward, backward) collective calls by name, on this rank."""
-    counts: collections.Counter = collections.Counter()
-
-    def counting(name):
-        real = getattr(dist, name)
-
-        def call(*args, **kwargs):
-            counts[name] += 1
-            return real(*args, **kwargs)
-        return call
-
     out = {}
     for name, (kwargs, training) in CONFIGS.items():
         torch.manual_seed(0)  # the same layer on every rank
@@ -63,8 +50,7 @@ def count_rank(rank: int, world: int) -> dict[str, tuple[dict, dict]]:
         moe = apply_expert_parallel(moe.train(training))
         torch.manual_seed(1 + rank)
         x = torch.randn(TOKENS, DIM, requires_grad=True)
-        with mock.patch.multiple(dist, **{c: counting(c) for c in COLLECTIVES}):
-            counts.clear()
+        with counting_collectives() as counts:
             result = moe(x)
             forward = dict(counts)
             counts.clear()

@@ -31,6 +31,7 @@ from moekit.parallel import (
     apply_expert_parallel,
     check_same_config,
     clip_grad_norm_,
+    counting_collectives,
     full_state_dict,
     load_distributed,
     parallelize,
@@ -207,24 +208,11 @@ def errors_of(fn) -> str:
     return "no error"
 
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_to_all_single", "broadcast")
-
-
 def collectives_per_step(capacity_factor: float | None) -> tuple[dict, dict]:
     """The collectives one training step of a noisy top-k layer makes: (forward, backward) by name."""
-    counts: dict[str, int] = {}
-
-    def counting(name):
-        real = getattr(dist, name)
-
-        def call(*args, **kwargs):
-            counts[name] = counts.get(name, 0) + 1
-            return real(*args, **kwargs)
-        return call
-
     moe = apply_expert_parallel(build_layer(dict(router="noisy_topk", train=True, cf=capacity_factor)))
     x = torch.randn(6, DIM, requires_grad=True)
-    with mock.patch.multiple(dist, **{name: counting(name) for name in COLLECTIVES}):
+    with counting_collectives() as counts:
         out = moe(x)
         forward = dict(counts)
         counts.clear()

@@ -12,7 +12,13 @@ from moekit.parallel.expert_parallel import (
     parallelize,
     sync_gradients,
 )
-from moekit.parallel.groups import DistInfo, ProcessGroupShards, check_same_config, init_distributed
+from moekit.parallel.groups import (
+    DistInfo,
+    ProcessGroupShards,
+    check_same_config,
+    counting_collectives,
+    init_distributed,
+)
 from moekit.parallel.launch import spawn_local
 
 __all__ = [
@@ -22,6 +28,7 @@ __all__ = [
     "check_same_config",
     "checkpoint_state",
     "clip_grad_norm_",
+    "counting_collectives",
     "expert_parallel_layers",
     "expert_parameter_names",
     "full_optimizer_state_dict",

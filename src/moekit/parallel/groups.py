@@ -5,7 +5,10 @@ Legend: T tokens (this rank), W ranks.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -57,6 +60,36 @@ def init_distributed(device: str | torch.device = "cpu", timeout_s: float = DEFA
         kwargs["device_id"] = device
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kwargs)
     return DistInfo(rank, world_size, local_rank, device)
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_to_all_single", "broadcast", "reduce_scatter",
+               "all_gather_into_tensor", "reduce_scatter_tensor")
+
+
+@contextlib.contextmanager
+def counting_collectives() -> Iterator[collections.Counter]:
+    """Count the calls of ``torch.distributed``'s collectives made inside the block, by name.
+
+    A diagnostic: at small batches each collective costs about one network round trip whatever its
+    size, so their number is an expert-parallel step's fixed latency. Counts calls made through the
+    ``torch.distributed`` module (as moekit makes them), on this rank.
+    """
+    counts: collections.Counter = collections.Counter()
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counting(name: str):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    try:
+        for name in COLLECTIVES:
+            setattr(dist, name, counting(name))
+        yield counts
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
 
 
 class _AllReduceSum(torch.autograd.Function):

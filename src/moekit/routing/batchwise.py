@@ -78,8 +78,7 @@ class BatchwiseRouter(nn.Module):
             scores_TE = scores_TE.masked_fill(~mask_T[:, None], float("-inf"))
         all_scores_TE, start = self.shards.gather(scores_TE)
         # Padding rows are -inf and real rows finite, so the gathered rows give the real-token count.
-        num_real = int(torch.isfinite(all_scores_TE[:, 0]).sum()) if mask_T is not None or self.shards.count > 1 \
-            else all_scores_TE.shape[0]
+        num_real = int(torch.isfinite(all_scores_TE[:, 0]).sum())
         m = batchwise_m(num_real, self.num_experts, self.k)
         out = torch.zeros_like(all_scores_TE, dtype=torch.bool)
         if m:
