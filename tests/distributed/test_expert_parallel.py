@@ -28,6 +28,7 @@ from torch import nn
 
 import moekit
 from moekit.parallel import (
+    ProcessGroupShards,
     apply_expert_parallel,
     check_same_config,
     clip_grad_norm_,
@@ -220,9 +221,19 @@ def collectives_per_step(capacity_factor: float | None) -> tuple[dict, dict]:
     return forward, dict(counts)
 
 
+def sum_many_case(rank: int) -> tuple:
+    """ProcessGroupShards.sum_many on integers too large for float32 and a differentiable tensor."""
+    counts = torch.tensor([2**40 + rank, 3])
+    v = torch.tensor([1.0 + rank, 2.0], requires_grad=True)
+    total_counts, total_v = ProcessGroupShards().sum_many(counts, v)
+    (total_v * torch.tensor([1.0, 10.0])).sum().backward()
+    return total_counts, total_v.detach(), v.grad
+
+
 def two_rank_run(rank: int, world: int, ckpt_1: str, ckpt_2: str) -> dict:
     res = {"layer": {name: layer_case(rank, world, name) for name, spec in CASES.items() if world in spec["tokens"]}}
     res["collectives"] = {cf: collectives_per_step(cf) for cf in (None, 1.0)}
+    res["sum_many"] = sum_many_case(rank)
     res["bad_config"] = errors_of(lambda: check_same_config(TinyLM(0) if rank == 0 else nn.Linear(2, 2)))
     res["bad_split"] = errors_of(lambda: apply_expert_parallel(moekit.MoE(4, 3, k=2)))
 
@@ -350,6 +361,14 @@ def test_single_process_checkpoint_loads_into_expert_parallel_model(runs):
     for res in runs[2]:
         for key, value in want.items():
             assert torch.equal(res["from_single"][key], value), key
+
+
+def test_sum_many_is_one_exact_differentiable_sum(runs):
+    for res in runs[2]:
+        counts, v, grad = res["sum_many"]
+        assert counts.dtype == torch.long and counts.tolist() == [2 * 2**40 + 1, 6]  # exact past 2^24
+        assert v.tolist() == [3.0, 4.0]
+        assert grad.tolist() == [2.0, 20.0]  # every rank's loss reads the sum: the gradients add up
 
 
 def test_a_layer_step_makes_few_collectives(runs):

@@ -55,3 +55,7 @@ def test_every_built_in_router_and_layer_starts_on_the_whole_local_batch():
     x = torch.randn(3, 2)
     gathered, start = LOCAL_SHARDS.gather(x)
     assert LOCAL_SHARDS.sum(x) is x and gathered is x and start == 0 and LOCAL_SHARDS.count == 1
+    counts = torch.tensor([2, 0, 1])
+    summed = LOCAL_SHARDS.sum_many(x, counts)  # no copy, no cast on one process
+    assert summed[0] is x and summed[1] is counts
+    assert LOCAL_SHARDS.rows(3, x.device) == (3, 0)
