@@ -31,7 +31,8 @@ for _ in range(12):
     steps.append([resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, libc.sbrk(0) - brk])
 print(json.dumps(steps))
 """
-PAGES = 256 * 2**20 // 4096
+TENSOR = 256 * 2**20
+PAGES = TENSOR // 4096
 
 
 def _steps(mode: str) -> list[tuple[int, int]]:
@@ -43,14 +44,14 @@ def _steps(mode: str) -> list[tuple[int, int]]:
 def test_default_glibc_faults_every_large_allocation_in_again():
     steps = _steps("default")
     assert all(faults > PAGES // 2 for faults, _ in steps[1:]), steps  # mmap'd afresh, unmapped on free
-    assert all(growth == 0 for _, growth in steps), steps  # never from the heap
+    assert all(growth < TENSOR // 2 for _, growth in steps), steps  # never from the heap
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_serves_large_tensors_from_kept_pages():
     steps = _steps("keep")
     assert all(growth >= 0 for _, growth in steps), steps  # the heap is never trimmed
-    reused = [faults for faults, growth in steps if growth == 0]
-    assert len(reused) >= 4, steps  # growth stops once freed blocks coalesce
+    reused = [faults for faults, growth in steps if growth < TENSOR // 2]  # small objects may grow it a little
+    assert len(reused) >= 4, steps  # growth by whole tensors stops once freed blocks coalesce
     assert all(faults < PAGES // 100 for faults in reused), steps
-    assert sum(growth for _, growth in steps) < 12 * 256 * 2**20, steps
+    assert sum(growth for _, growth in steps) < 12 * TENSOR, steps
