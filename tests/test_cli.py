@@ -60,8 +60,17 @@ def test_help_lists_jobs_and_common_options(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     text = capsys.readouterr().out
-    for option in ("--out", "--steps", "--seed", "--quiet", "--resume", "--force", "--device", "--data"):
+    for option in ("--out", "--steps", "--seed", "--quiet", "--resume", "--force", "--device", "--malloc", "--data"):
         assert option in text
+
+
+@pytest.mark.parametrize("choice,calls", [("keep", 1), ("default", 0)])
+def test_malloc_option_keeps_freed_memory_unless_told_not_to(choice, calls, monkeypatch, tmp_path):
+    kept = []
+    monkeypatch.setattr("moekit.cli.keep_freed_memory", lambda: kept.append(True))
+    monkeypatch.setattr(demo, "run", lambda args: 0)  # the option, not the job, is under test
+    assert main(["demo", "--out", str(tmp_path), "--malloc", choice]) == 0
+    assert len(kept) == calls
 
 
 def test_version_via_python_m():

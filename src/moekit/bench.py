@@ -20,9 +20,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per configuration (default: 5)")
     parser.add_argument("--only", metavar="TEXT", help="run only configurations whose name contains TEXT")
-    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
-                        help="keep (default): glibc keeps freed memory, as jemalloc does, for every "
-                             "candidate alike; default: fresh pages for every large tensor of every step")
 
 
 def load_benchmark():

@@ -18,6 +18,7 @@ import torch
 
 import moekit
 from moekit.data import DataFileError, MissingDataError
+from moekit.memory import keep_freed_memory
 from moekit.train.outdir import ConfigError, OutDirError
 
 # Errors that are the user's to fix: printed as one line, no traceback.
@@ -84,6 +85,14 @@ def _add_common(parser: argparse.ArgumentParser, default_out: str) -> None:
         default="auto",
         help="torch device, e.g. cpu or cuda:0 (default: auto = cuda if available)",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep (default): glibc keeps freed memory for reuse, as jemalloc and tcmalloc do, instead of "
+        "page-faulting every large tensor in again each step (the process keeps its peak footprint); "
+        "default: the C library as configured",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``moekit`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.malloc == "keep":
+        keep_freed_memory()
     job = importlib.import_module(JOBS[args.job].module)
     try:
         return job.run(args)
