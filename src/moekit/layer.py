@@ -68,7 +68,10 @@ class MoE(nn.Module):
         num_experts: E.
         k: experts per token.
         hidden_dim: F, the hidden width of each expert (default 4*dim).
-        router: a registered router name (see ``moekit.routers()``) or a router module.
+        router: a registered router name (see ``moekit.routers()``) or a router module, called as
+            ``router(x_TD, mask_T) -> Routing``; its ``stats.counts`` (the hard count of its routed
+            slots, as ``moekit.routing.base.finish_routing`` computes them) are the layer's counts
+            when there is no capacity.
         capacity_factor: None for dropless dispatch; otherwise each expert computes at most
             ``ceil(T*k*capacity_factor/E)`` slots and drops the rest (their output is 0).
         batch_prioritized: with a capacity, let the tokens with the highest gate claim places first.
