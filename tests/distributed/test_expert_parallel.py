@@ -77,6 +77,7 @@ CASES = {
     "switch-masked": dict(router="switch", train=True, masked=True, tokens={2: (5, 6)}),
     "batchwise-train-capacity": dict(router="batchwise", train=True, cf=1.0, tokens={2: (5, 7)}),
     "batchwise-masked": dict(router="batchwise", train=True, masked=True, tokens={2: (6, 5)}),
+    "hierarchical-empty-rank": dict(router="hierarchical", train=True, tokens={2: (5, 0)}),
     "hierarchical-train-bpr": dict(router="hierarchical", train=True, cf=1.0, bpr=True, tokens={2: (5, 6),
                                                                                                4: (2, 6, 3, 5)}),
 }

@@ -163,3 +163,20 @@ def test_all_padding_batch_routes_nothing(backend):
     out = moe(x, mask=torch.zeros(3, dtype=torch.bool))
     out.y.sum().backward()
     assert (out.y == 0).all() and out.stats.counts.sum() == 0 and (x.grad == 0).all()
+
+
+@pytest.mark.parametrize("router", [*moekit.routers(), "hierarchical"])
+@pytest.mark.parametrize("cf", [None, 1.0])
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_gives_empty_output_and_zero_losses(router, cf, training):
+    # A rank of a sharded batch may hold no token; so may the last batch of a data loader.
+    if router == "hierarchical":
+        moe = moekit.HierarchicalMoE(8, 2, 2, k_primary=2, k_secondary=1, hidden_dim=6, capacity_factor=cf)
+    else:
+        moe = moekit.MoE(8, 4, k=1 if router == "switch" else 2, hidden_dim=6, router=router, capacity_factor=cf)
+    x = torch.randn(0, 8, requires_grad=True)
+    out = moe.train(training)(x)
+    (out.y.sum() + out.aux_loss).backward()
+    assert out.y.shape == (0, 8) and x.grad.shape == (0, 8)
+    assert out.aux_loss.item() == 0.0 and out.stats.counts.sum() == 0 and out.stats.dropped == 0
+    assert all(torch.isfinite(loss) for loss in out.stats.losses.values()), out.stats.losses

@@ -84,7 +84,7 @@ class PartitionedRouter(nn.Module):
             raise ValueError(f"{num_tokens} tokens is not a multiple of ensemble_size={M} "
                              "(token t belongs to member t % M)")
         x_NMD = x_TD.view(num_tokens // M, M, self.dim)
-        mask_NM = None if mask_T is None else mask_T.view(-1, M)
+        mask_NM = None if mask_T is None else mask_T.view(num_tokens // M, M)
         parts = [router(x_NMD[:, m], None if mask_NM is None else mask_NM[:, m])
                  for m, router in enumerate(self.members)]
         # Member m's local expert j is global expert m*P + j; empty slots stay -1.
@@ -98,7 +98,8 @@ class PartitionedRouter(nn.Module):
             losses={name: torch.stack([r.stats.losses[name] for r in parts]).mean() for name in parts[0].stats.losses},
         )
         aux = torch.stack([r.aux_loss for r in parts]).mean()
-        return Routing(indices_NMK.reshape(num_tokens, -1), weights_NMK.reshape(num_tokens, -1), aux, stats)
+        K = indices_NMK.shape[-1]
+        return Routing(indices_NMK.reshape(num_tokens, K), weights_NMK.reshape(num_tokens, K), aux, stats)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, ensemble_size={self.ensemble_size}"

@@ -65,8 +65,8 @@ class HierarchicalRouter(nn.Module):
             std_TPB = self._std(raw_TGB.gather(1, gather_TPB))
         secondary = noisy_top_k(clean_TPB, std_TPB, self.k_secondary, self.shards)
 
-        indices_TK = (primary.indices[..., None] * B + secondary.indices).reshape(num_tokens, -1)
-        weights_TK = (primary.gates[..., None] * secondary.gates).reshape(num_tokens, -1)
+        indices_TK = (primary.indices[..., None] * B + secondary.indices).reshape(num_tokens, self.k)
+        weights_TK = (primary.gates[..., None] * secondary.gates).reshape(num_tokens, self.k)
         weight_T = None if mask_T is None else mask_T.float()
         load_E = None
         if primary.load_prob is not None or secondary.load_prob is not None:

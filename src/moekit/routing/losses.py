@@ -112,8 +112,6 @@ def z_loss(logits_TE: torch.Tensor, weight_T: torch.Tensor | None = None,
 
 def _weighted_mean(v_T: torch.Tensor, weight_T: torch.Tensor | None, shards: BatchShards) -> torch.Tensor:
     """``sum(v * w) / sum(w)`` over the whole batch (0 when it has no real token)."""
-    if weight_T is None and shards.count == 1:
-        return v_T.mean()
     if weight_T is None:
         weight_T = v_T.new_ones(v_T.shape)
     total, count = shards.sum_many((v_T * weight_T).sum(), weight_T.sum())
