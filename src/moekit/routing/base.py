@@ -138,17 +138,34 @@ def finish_routing(
         importance_E: [E] this shard's importance when it is not the sum of the kept gates
             (V-MoE sums the whole softmax); padding already weighted out.
     """
-    if weight_T is not None:
-        real_T1 = weight_T[:, None] > 0
-        indices_TK = torch.where(real_T1, indices_TK, torch.full_like(indices_TK, -1))
-        weights_TK = weights_TK * weight_T[:, None].to(weights_TK.dtype)
-    counts_E = hard_counts(indices_TK, num_experts)
-    if importance_E is None:
-        importance_E = scatter_to_experts(indices_TK, weights_TK, num_experts)
+    indices_TK, weights_TK, counts_E, importance_E = routing_sums(indices_TK, weights_TK, num_experts, weight_T,
+                                                                  importance_E)
     if load_E is not None and not load_reduced:
         counts_E, importance_E, load_E = shards.sum_many(counts_E, importance_E, load_E)
     else:
         counts_E, importance_E = shards.sum_many(counts_E, importance_E)
+    return routing_from_sums(indices_TK, weights_TK, counts_E, importance_E, load_E, extra_losses, coefficients)
+
+
+def routing_sums(indices_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, weight_T: torch.Tensor | None,
+                 importance_E: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The first half of ``finish_routing``: mask padding slots (index -1, weight 0), then this
+    shard's per-expert counts and importance (unless given). Returns (indices_TK, weights_TK,
+    counts_E, importance_E); a router that needs more sums reduces them with these in one collective."""
+    if weight_T is not None:
+        real_T1 = weight_T[:, None] > 0
+        indices_TK = torch.where(real_T1, indices_TK, torch.full_like(indices_TK, -1))
+        weights_TK = weights_TK * weight_T[:, None].to(weights_TK.dtype)
+    if importance_E is None:
+        importance_E = scatter_to_experts(indices_TK, weights_TK, num_experts)
+    return indices_TK, weights_TK, hard_counts(indices_TK, num_experts), importance_E
+
+
+def routing_from_sums(indices_TK: torch.Tensor, weights_TK: torch.Tensor, counts_E: torch.Tensor,
+                      importance_E: torch.Tensor, load_E: torch.Tensor | None, extra_losses: dict[str, torch.Tensor],
+                      coefficients: dict[str, float]) -> Routing:
+    """The second half of ``finish_routing``: CV^2 losses and the weighted aux loss from the whole
+    batch's counts, importance and load (None: the counts)."""
     if load_E is None:
         load_E = counts_E.to(importance_E.dtype)
     losses = {"importance": cv_squared(importance_E), "load": cv_squared(load_E), **extra_losses}

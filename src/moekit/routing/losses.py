@@ -94,10 +94,16 @@ def switch_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor, num_experts: i
         weight_T = probs_TE.new_ones(probs_TE.shape[0])
     n_tokens, slot_counts_E, p_sum_E = shards.sum_many(weight_T.sum(), hard_counts(indices_TK, num_experts),
                                                        (probs_TE * weight_T[:, None]).sum(0))
-    slot_counts_E = slot_counts_E.to(probs_TE.dtype)
+    return switch_loss_from_sums(slot_counts_E, p_sum_E, n_tokens)
+
+
+def switch_loss_from_sums(slot_counts_E: torch.Tensor, p_sum_E: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """``switch_loss`` from the whole batch's sums: routed slots per expert [E], router probabilities
+    summed over real tokens [E], and the number of real tokens (scalar)."""
+    slot_counts_E = slot_counts_E.to(p_sum_E.dtype)
     f_E = slot_counts_E / slot_counts_E.sum().clamp_min(1.0)
     p_E = p_sum_E / n_tokens.clamp_min(1.0)
-    return num_experts * (f_E * p_E).sum()
+    return slot_counts_E.numel() * (f_E * p_E).sum()
 
 
 def z_loss(logits_TE: torch.Tensor, weight_T: torch.Tensor | None = None,

@@ -8,8 +8,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.routing.base import check_router_args, check_router_input, finish_routing, register_router
-from moekit.routing.losses import switch_loss, z_loss
+from moekit.routing.base import (
+    check_router_args,
+    check_router_input,
+    register_router,
+    routing_from_sums,
+    routing_sums,
+)
+from moekit.routing.losses import switch_loss_from_sums
 from moekit.shards import LOCAL_SHARDS
 from moekit.types import Routing
 
@@ -40,11 +46,16 @@ class SwitchRouter(nn.Module):
         probs_TE = torch.softmax(logits_TE, dim=-1)
         gates_TK, indices_TK = probs_TE.topk(self.k, dim=-1)
         weight_T = None if mask_T is None else mask_T.float()
-        routed_TK = indices_TK if mask_T is None else indices_TK.masked_fill(~mask_T[:, None], -1)
-        extra = {"switch": switch_loss(probs_TE, routed_TK, self.num_experts, weight_T, self.shards),
-                 "z": z_loss(logits_TE, weight_T, self.shards)}
-        return finish_routing(indices_TK, gates_TK, self.num_experts, weight_T, None, extra,
-                              {"importance": self.w_importance, "switch": self.w_load, "z": self.w_z}, self.shards)
+        # The counts are also the switch loss's routed slots: padding slots are -1 in both.
+        indices_TK, gates_TK, counts_E, importance_E = routing_sums(indices_TK, gates_TK, self.num_experts, weight_T)
+        w_T = probs_TE.new_ones(probs_TE.shape[0]) if weight_T is None else weight_T
+        lse2_T = torch.logsumexp(logits_TE, dim=-1).pow(2)  # the z-loss's per-token term
+        # Every statistic and both losses' sums over the whole batch, in one collective.
+        counts_E, importance_E, n_tokens, p_sum_E, z_sum = self.shards.sum_many(
+            counts_E, importance_E, w_T.sum(), (probs_TE * w_T[:, None]).sum(0), (lse2_T * w_T).sum())
+        extra = {"switch": switch_loss_from_sums(counts_E, p_sum_E, n_tokens), "z": z_sum / n_tokens.clamp_min(1.0)}
+        return routing_from_sums(indices_TK, gates_TK, counts_E, importance_E, None, extra,
+                                 {"importance": self.w_importance, "switch": self.w_load, "z": self.w_z})
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"
