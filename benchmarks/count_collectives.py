@@ -30,6 +30,7 @@ CONFIGS = {
     "noisy_topk, training, capacity, batch-prioritised": (
         dict(num_experts=4, k=2, router="noisy_topk", capacity_factor=1.25, batch_prioritized=True), True),
     "vmoe, training": (dict(num_experts=4, k=2, router="vmoe"), True),
+    "e3 (2 members), training": (dict(num_experts=4, k=1, router="e3"), True),
     "hierarchical, training": (dict(router="hierarchical"), True),
     "switch, training": (dict(num_experts=4, k=1, router="switch"), True),
     "batchwise, training": (dict(num_experts=4, k=2, router="batchwise"), True),

@@ -64,7 +64,8 @@ class LocalShards:
 LOCAL_SHARDS = LocalShards()
 
 
-def randn_rows(like_T: torch.Tensor, shards: BatchShards = LOCAL_SHARDS) -> torch.Tensor:
+def randn_rows(like_T: torch.Tensor, shards: BatchShards = LOCAL_SHARDS,
+               rows: tuple[int, int] | None = None) -> torch.Tensor:
     """``torch.randn_like(like_T)`` for this shard's rows of one draw over the whole batch.
 
     Router noise is drawn per token. Were each shard to draw for its own rows, processes seeded
@@ -72,9 +73,11 @@ def randn_rows(like_T: torch.Tensor, shards: BatchShards = LOCAL_SHARDS) -> torc
     table and keeping this shard's rows gives every token its own noise, the very noise one
     process would draw for the whole batch (so results do not depend on how the batch is split).
     The price is a draw W times larger, small beside the router's matmul when W < D.
+
+    ``rows``: ``shards.rows(T, device)`` when the caller knows it already (one collective fewer).
     """
     if shards.count == 1:
         return torch.randn_like(like_T)
-    total, start = shards.rows(like_T.shape[0], like_T.device)
+    total, start = rows if rows is not None else shards.rows(like_T.shape[0], like_T.device)
     table = torch.randn_like(like_T.new_empty((total, *like_T.shape[1:])))
     return table[start:start + like_T.shape[0]]

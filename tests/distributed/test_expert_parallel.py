@@ -70,6 +70,8 @@ CASES = {
     "noisy-train-capacity": dict(router="noisy_topk", train=True, cf=0.75, tokens={2: (6, 5), 4: (3, 5, 1, 4)}),
     "topk-capacity-bpr": dict(router="topk", train=True, cf=0.75, bpr=True, tokens={2: (7, 4)}),
     "vmoe-train-capacity-bpr": dict(router="vmoe", train=True, cf=1.0, bpr=True, tokens={2: (5, 7)}),
+    # E^3: 2 members of 2 experts each; token t belongs to member t % 2, so shards hold even counts.
+    "e3-train-masked": dict(router="e3", train=True, masked=True, tokens={2: (6, 4), 4: (2, 4, 0, 2)}),
     "empty-rank-capacity": dict(router="noisy_topk", train=True, cf=1.0, tokens={2: (6, 0), 4: (4, 0, 3, 2)}),
     "idle-experts": dict(router="noisy_topk", train=False, experts=8, tokens={2: (9, 1)}),
     # Every token goes to experts 0 and 1: the last rank's experts receive no row from anyone.
@@ -92,7 +94,7 @@ def build_layer(spec: dict) -> moekit.MoE:
         moe = moekit.MoE(DIM, spec.get("experts", 4), k=2, router=spec["router"], **kw)
     with torch.no_grad():  # a gate with signal, so routing is not decided by ties
         for name, p in moe.router.named_parameters():
-            if name.startswith("w_"):
+            if name.split(".")[-1].startswith("w_"):
                 p.normal_(0, 0.7)
         if spec.get("starve"):  # with positive inputs, experts 2.. never win
             moe.router.w_gate[:, 2:] = -5.0

@@ -85,8 +85,16 @@ class PartitionedRouter(nn.Module):
                              "(token t belongs to member t % M)")
         x_NMD = x_TD.view(num_tokens // M, M, self.dim)
         mask_NM = None if mask_T is None else mask_T.view(num_tokens // M, M)
-        parts = [router(x_NMD[:, m], None if mask_NM is None else mask_NM[:, m])
+        # Every member draws noise for the same N rows of each shard: ask for the shard sizes once.
+        rows = None
+        if self.training and self.shards.count > 1 and any(r.noise_std for r in self.members):
+            rows = self.shards.rows(num_tokens // M, x_TD.device)
+        local = [router.local_routing(x_NMD[:, m], None if mask_NM is None else mask_NM[:, m], rows)
                  for m, router in enumerate(self.members)]
+        # The members' statistics, summed over the whole batch in one collective.
+        summed = iter(self.shards.sum_many(*(s for part in local for s in part.sums)))
+        parts = [router.finish(part, tuple(next(summed) for _ in part.sums))
+                 for router, part in zip(self.members, local, strict=True)]
         # Member m's local expert j is global expert m*P + j; empty slots stay -1.
         indices_NMK = torch.stack([torch.where(r.indices >= 0, r.indices + m * P, -1) for m, r in enumerate(parts)], 1)
         weights_NMK = torch.stack([r.weights for r in parts], 1)

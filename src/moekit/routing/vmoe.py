@@ -23,17 +23,36 @@ batch_prioritized=True)``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
-from moekit.routing.base import check_router_args, check_router_input, finish_routing, register_router, token_weights
+from moekit.routing.base import (
+    check_router_args,
+    check_router_input,
+    register_router,
+    routing_from_sums,
+    routing_sums,
+    token_weights,
+)
 from moekit.routing.losses import prob_in_top_k
 from moekit.shards import LOCAL_SHARDS, BatchShards, randn_rows
 from moekit.types import Routing
 
 
+class LocalRouting(NamedTuple):
+    """A router's decision for this shard's tokens, and the per-expert sums still to be summed over
+    the whole batch (``moekit.shards``)."""
+
+    indices: torch.Tensor  # [T, K], padding slots -1
+    weights: torch.Tensor  # [T, K], padding slots 0
+    sums: tuple[torch.Tensor, ...]  # this shard's counts [E], importance [E] (and smooth load [E])
+
+
 def vmoe_gates(logits_TE: torch.Tensor, k: int, noise_std: float | None,
-               shards: BatchShards = LOCAL_SHARDS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               shards: BatchShards = LOCAL_SHARDS, rows: tuple[int, int] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Top-k of the (noisy) softmax, without renormalisation.
 
     Args:
@@ -41,7 +60,7 @@ def vmoe_gates(logits_TE: torch.Tensor, k: int, noise_std: float | None,
         k: experts per token.
         noise_std: std of the Gaussian noise added to the logits, or None for none.
         shards: the batch the T tokens are a shard of; the noise is this shard's rows of one draw
-            for the whole batch (``moekit.shards.randn_rows``).
+            for the whole batch (``moekit.shards.randn_rows``; ``rows``: its shard sizes, if known).
     Returns:
         (indices [T, K], gates [T, K], load_prob [T, E] or None). ``load_prob`` is P(x, i) when noise
         was drawn and K < E.
@@ -50,7 +69,7 @@ def vmoe_gates(logits_TE: torch.Tensor, k: int, noise_std: float | None,
     if noise_std is None or noise_std == 0:
         gates_TK, indices_TK = torch.softmax(logits_TE, dim=-1).topk(k, dim=-1)
         return indices_TK, gates_TK, None
-    noisy_TE = logits_TE + noise_std * randn_rows(logits_TE, shards)
+    noisy_TE = logits_TE + noise_std * randn_rows(logits_TE, shards, rows)
     gates_TK, indices_TK = torch.softmax(noisy_TE, dim=-1).topk(k, dim=-1)
     load_prob_TE = None
     if k < num_experts:
@@ -90,19 +109,34 @@ class VMoERouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
         check_router_input(x_TD, mask_T, self.dim)
+        local = self.local_routing(x_TD, mask_T)
+        return self.finish(local, self.shards.sum_many(*local.sums))
+
+    def local_routing(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
+                      rows: tuple[int, int] | None = None) -> LocalRouting:
+        """Routing and this shard's sums (counts, importance, and the smooth load in training).
+
+        ``rows``: ``self.shards.rows(T, device)`` if the caller has it (the noise draw needs it).
+        """
         logits_TE = x_TD.float() @ self.w_gate.float()
         noise_std = self.noise_std if self.training else None
-        indices_TK, gates_TK, load_prob_TE = vmoe_gates(logits_TE, self.k, noise_std, self.shards)
+        indices_TK, gates_TK, load_prob_TE = vmoe_gates(logits_TE, self.k, noise_std, self.shards, rows)
         weight_T = token_weights(mask_T, x_TD)
-        load_E = None
-        if load_prob_TE is not None:
-            load_E = (load_prob_TE if weight_T is None else load_prob_TE * weight_T[:, None]).sum(0)
         # V-MoE's importance is over the whole clean softmax, not only the kept gates.
         probs_TE = torch.softmax(logits_TE, dim=-1)
         importance_E = (probs_TE if weight_T is None else probs_TE * weight_T[:, None]).sum(0)
-        return finish_routing(indices_TK, gates_TK, self.num_experts, weight_T, load_E, {},
-                              {"importance": self.w_importance, "load": self.w_load}, self.shards,
-                              importance_E=importance_E)
+        indices_TK, gates_TK, counts_E, importance_E = routing_sums(indices_TK, gates_TK, self.num_experts, weight_T,
+                                                                    importance_E)
+        sums = (counts_E, importance_E)
+        if load_prob_TE is not None:
+            sums += ((load_prob_TE if weight_T is None else load_prob_TE * weight_T[:, None]).sum(0),)
+        return LocalRouting(indices_TK, gates_TK, sums)
+
+    def finish(self, local: LocalRouting, sums: tuple[torch.Tensor, ...]) -> Routing:
+        """The Routing from ``local`` and its sums over the whole batch (same order as ``local.sums``)."""
+        counts_E, importance_E, *load = sums
+        return routing_from_sums(local.indices, local.weights, counts_E, importance_E, load[0] if load else None, {},
+                                 {"importance": self.w_importance, "load": self.w_load})
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, noise_std={self.noise_std:g}"
