@@ -85,7 +85,7 @@ class TopK(NamedTuple):
 
 
 def noisy_top_k(clean: torch.Tensor, noise_std: torch.Tensor | None, k: int,
-                shards: BatchShards = LOCAL_SHARDS) -> TopK:
+                shards: BatchShards = LOCAL_SHARDS, rows: tuple[int, int] | None = None) -> TopK:
     """Shazeer eq. 3-5 on the last dimension: keep the k largest (noisy) logits, softmax over them.
 
     Args:
@@ -93,13 +93,13 @@ def noisy_top_k(clean: torch.Tensor, noise_std: torch.Tensor | None, k: int,
         noise_std: [T, ..., E] noise std (``softplus(x @ W_noise) + eps``), or None for no noise.
         k: experts kept per token.
         shards: the batch the T tokens are a shard of; the noise is this shard's rows of one draw
-            for the whole batch (``moekit.shards.randn_rows``).
+            for the whole batch (``moekit.shards.randn_rows``; ``rows``: its shard sizes, if known).
     """
     num_experts = clean.shape[-1]
     if noise_std is None:
         top_values, top_idx = clean.topk(k, dim=-1)
         return TopK(top_idx, torch.softmax(top_values, dim=-1), None)
-    noisy = clean + randn_rows(clean, shards) * noise_std
+    noisy = clean + randn_rows(clean, shards, rows) * noise_std
     # k+1 values: the (k+1)-th is the threshold of eq. 9 for experts already in the top k.
     top_values, top_idx = noisy.topk(min(k + 1, num_experts), dim=-1)
     gates = torch.softmax(top_values[..., :k], dim=-1)
@@ -118,29 +118,24 @@ def finish_routing(
     extra_losses: dict[str, torch.Tensor],
     coefficients: dict[str, float],
     shards: BatchShards = LOCAL_SHARDS,
-    *,
-    load_reduced: bool = False,
-    importance_E: torch.Tensor | None = None,
 ) -> Routing:
     """Mask padding slots, compute importance/load/CV^2 and the weighted aux loss.
 
     Args:
         indices_TK, weights_TK: the routing of every token.
         weight_T: [T] 0/1 (0 = padding) or None.
-        load_E: [E] smooth load of this shard's tokens, or None to use the hard count. With
-            ``load_reduced`` it is the whole batch's already (the hierarchical load is not a sum
-            over tokens).
+        load_E: [E] smooth load of this shard's tokens, or None to use the hard count.
         extra_losses: unweighted losses beyond importance/load.
         coefficients: loss name -> weight; losses without a coefficient are reported only, and a
             coefficient whose loss is absent (e.g. a training-only loss in eval) adds nothing.
         shards: the batch this shard belongs to (``moekit.shards``). Counts, importance and load
             are summed over it in one collective before CV^2, which is not additive.
-        importance_E: [E] this shard's importance when it is not the sum of the kept gates
-            (V-MoE sums the whole softmax); padding already weighted out.
+
+    A router with other sums to reduce (loss terms, a load that is not a sum over tokens) calls
+    ``routing_sums`` and ``routing_from_sums`` itself, with one ``shards.sum_many`` between them.
     """
-    indices_TK, weights_TK, counts_E, importance_E = routing_sums(indices_TK, weights_TK, num_experts, weight_T,
-                                                                  importance_E)
-    if load_E is not None and not load_reduced:
+    indices_TK, weights_TK, counts_E, importance_E = routing_sums(indices_TK, weights_TK, num_experts, weight_T)
+    if load_E is not None:
         counts_E, importance_E, load_E = shards.sum_many(counts_E, importance_E, load_E)
     else:
         counts_E, importance_E = shards.sum_many(counts_E, importance_E)

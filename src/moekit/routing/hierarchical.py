@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.routing.base import check_router_args, check_router_input, finish_routing, noisy_top_k
+from moekit.routing.base import (
+    check_router_args,
+    check_router_input,
+    noisy_top_k,
+    routing_from_sums,
+    routing_sums,
+)
 from moekit.routing.losses import hard_counts
 from moekit.shards import LOCAL_SHARDS
 from moekit.types import Routing
@@ -55,7 +61,9 @@ class HierarchicalRouter(nn.Module):
         num_tokens, B, P = x_TD.shape[0], self.experts_per_group, self.k_primary
         clean_TG = x_TD @ self.w_gate.float()
         std_TG = self._std(x_TD @ self.w_noise.float()) if self.training else None  # noise only in training
-        primary = noisy_top_k(clean_TG, std_TG, P, self.shards)
+        # Both levels draw noise for the same rows of each shard: ask for the shard sizes once.
+        rows = self.shards.rows(num_tokens, x_TD.device) if self.training and self.shards.count > 1 else None
+        primary = noisy_top_k(clean_TG, std_TG, P, self.shards, rows)
 
         gather_TPB = primary.indices[..., None].expand(num_tokens, P, B)
         clean_TPB = torch.einsum("td,gdb->tgb", x_TD, self.w_gate_secondary.float()).gather(1, gather_TPB)
@@ -63,23 +71,28 @@ class HierarchicalRouter(nn.Module):
         if self.training:
             raw_TGB = torch.einsum("td,gdb->tgb", x_TD, self.w_noise_secondary.float())
             std_TPB = self._std(raw_TGB.gather(1, gather_TPB))
-        secondary = noisy_top_k(clean_TPB, std_TPB, self.k_secondary, self.shards)
+        secondary = noisy_top_k(clean_TPB, std_TPB, self.k_secondary, self.shards, rows)
 
         indices_TK = (primary.indices[..., None] * B + secondary.indices).reshape(num_tokens, self.k)
         weights_TK = (primary.gates[..., None] * secondary.gates).reshape(num_tokens, self.k)
         weight_T = None if mask_T is None else mask_T.float()
-        load_E = None
-        if primary.load_prob is not None or secondary.load_prob is not None:
-            load_E = self._smooth_load(primary, secondary, weight_T, num_tokens)
-        return finish_routing(indices_TK, weights_TK, self.num_experts, weight_T, load_E, {},
-                              {"importance": self.w_importance, "load": self.w_load}, self.shards,
-                              load_reduced=True)
+        indices_TK, weights_TK, counts_E, importance_E = routing_sums(indices_TK, weights_TK, self.num_experts,
+                                                                      weight_T)
+        coefficients = {"importance": self.w_importance, "load": self.w_load}
+        if primary.load_prob is None and secondary.load_prob is None:
+            counts_E, importance_E = self.shards.sum_many(counts_E, importance_E)
+            return routing_from_sums(indices_TK, weights_TK, counts_E, importance_E, None, {}, coefficients)
+        # Eq. 14 is not additive over tokens, but its three sums are: they travel with the counts
+        # and the importance, in one collective.
+        counts_E, importance_E, *load_sums = self.shards.sum_many(
+            counts_E, importance_E, *self._smooth_load_sums(primary, secondary, weight_T, num_tokens))
+        return routing_from_sums(indices_TK, weights_TK, counts_E, importance_E, self._smooth_load(*load_sums), {},
+                                 coefficients)
 
-    def _smooth_load(self, primary, secondary, weight_T, num_tokens: int) -> torch.Tensor:
-        """Eq. 14. A level without noise (k == its expert count) contributes its hard count.
+    def _smooth_load_sums(self, primary, secondary, weight_T, num_tokens: int) -> tuple[torch.Tensor, ...]:
+        """This shard's sums of eq. 14: group members |X^(i)| [G], primary load [G], secondary load [G, B].
 
-        Eq. 14 is not additive over tokens: each of its three sums covers the whole batch (summed
-        over the shards in one collective).
+        A level without noise (k == its expert count) contributes its hard count.
         """
         G, B, P = self.num_groups, self.experts_per_group, self.k_primary
         w_T = torch.ones(num_tokens, device=primary.gates.device) if weight_T is None else weight_T
@@ -95,8 +108,12 @@ class HierarchicalRouter(nn.Module):
             prob_TPB = torch.zeros(num_tokens, P, B, device=w_T.device).scatter_(-1, secondary.indices, 1.0)
             prob_TPB = prob_TPB * w_T[:, None, None]
         load_secondary_GB = prob_TPB.new_zeros(G, B).index_add(0, primary.indices.reshape(-1), prob_TPB.reshape(-1, B))
-        members_G, load_primary_G, load_secondary_GB = self.shards.sum_many(members_G, load_primary_G,
-                                                                           load_secondary_GB)
+        return members_G, load_primary_G, load_secondary_GB
+
+    @staticmethod
+    def _smooth_load(members_G: torch.Tensor, load_primary_G: torch.Tensor,
+                     load_secondary_GB: torch.Tensor) -> torch.Tensor:
+        """Eq. 14 from the whole batch's sums: ``Load_primary_i * Load_i(X^(i))_j / |X^(i)|``, flattened [E]."""
         load_GB = load_primary_G[:, None] * load_secondary_GB / members_G.clamp_min(1.0)[:, None]
         return load_GB.reshape(-1)
 
