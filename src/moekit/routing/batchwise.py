@@ -14,8 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.routing.base import check_router_args, check_router_input, finish_routing, register_router
-from moekit.routing.losses import batchwise_threshold_loss
+from moekit.routing.base import (
+    check_router_args,
+    check_router_input,
+    register_router,
+    routing_from_sums,
+    routing_sums,
+)
+from moekit.routing.losses import batchwise_threshold_terms
 from moekit.shards import LOCAL_SHARDS
 from moekit.types import Routing
 
@@ -100,8 +106,6 @@ class BatchwiseRouter(nn.Module):
             # The widest token of the whole batch sets K', which the capacity step reads as k; the
             # whole batch's mask is at hand (top-m never picks a padding row: m <= real tokens).
             width = max(1, int(all_keep_TE.sum(-1).max())) if all_keep_TE.numel() else 1
-            extra["threshold"] = batchwise_threshold_loss(logits_TE, thresholds_E, keep_TE, weight_T,
-                                                          self.shards)
         else:
             keep_TE = logits_TE > thresholds_E
             if mask_T is not None:
@@ -111,9 +115,18 @@ class BatchwiseRouter(nn.Module):
         probs_TE = torch.softmax(logits_TE, dim=-1) * keep_TE
         gates_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(probs_TE.dtype).tiny)
         indices_TK, weights_TK = mask_to_routing(keep_TE, gates_TE, width)
+        indices_TK, weights_TK, counts_E, importance_E = routing_sums(indices_TK, weights_TK, self.num_experts,
+                                                                      weight_T)
+        if self.training:  # the threshold loss's sums travel with the statistics, in one collective
+            w_T = logits_TE.new_ones(logits_TE.shape[0]) if weight_T is None else weight_T
+            terms_T = batchwise_threshold_terms(logits_TE, thresholds_E, keep_TE)
+            counts_E, importance_E, threshold_sum, num_real = self.shards.sum_many(
+                counts_E, importance_E, (terms_T * w_T).sum(), w_T.sum())
+            extra["threshold"] = threshold_sum / num_real.clamp_min(1.0)
+        else:
+            counts_E, importance_E = self.shards.sum_many(counts_E, importance_E)
         coefs = {"importance": self.w_importance, "load": self.w_load, "threshold": self.w_threshold}
-        return finish_routing(indices_TK, weights_TK, self.num_experts, weight_T, None, extra, coefs,
-                              self.shards)
+        return routing_from_sums(indices_TK, weights_TK, counts_E, importance_E, None, extra, coefs)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"

@@ -159,7 +159,12 @@ def batchwise_threshold_loss(
         weight_T: optional [T] 0/1 weights (0 for padding tokens).
         shards: the batch the T tokens are a shard of (see above).
     """
+    return _weighted_mean(batchwise_threshold_terms(logits_TE, thresholds_E, batch_mask_TE), weight_T, shards)
+
+
+def batchwise_threshold_terms(logits_TE: torch.Tensor, thresholds_E: torch.Tensor,
+                              batch_mask_TE: torch.Tensor) -> torch.Tensor:
+    """[T] each token's term of ``batchwise_threshold_loss`` (its sum over experts)."""
     thr_mask = (logits_TE > thresholds_E).to(logits_TE.dtype)
     diff = (thr_mask - batch_mask_TE.to(logits_TE.dtype)) * (logits_TE - thresholds_E)
-    per_token = diff.sum(-1)
-    return _weighted_mean(per_token, weight_T, shards)
+    return diff.sum(-1)
