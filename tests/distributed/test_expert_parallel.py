@@ -212,9 +212,9 @@ def errors_of(fn) -> str:
     return "no error"
 
 
-def collectives_per_step(capacity_factor: float | None) -> tuple[dict, dict]:
-    """The collectives one training step of a noisy top-k layer makes: (forward, backward) by name."""
-    moe = apply_expert_parallel(build_layer(dict(router="noisy_topk", train=True, cf=capacity_factor)))
+def collectives_per_step(capacity_factor: float | None, router: str = "noisy_topk") -> tuple[dict, dict]:
+    """The collectives one training step of a layer makes: (forward, backward) by name."""
+    moe = apply_expert_parallel(build_layer(dict(router=router, train=True, cf=capacity_factor)))
     x = torch.randn(6, DIM, requires_grad=True)
     with counting_collectives() as counts:
         out = moe(x)
@@ -236,6 +236,7 @@ def sum_many_case(rank: int) -> tuple:
 def two_rank_run(rank: int, world: int, ckpt_1: str, ckpt_2: str) -> dict:
     res = {"layer": {name: layer_case(rank, world, name) for name, spec in CASES.items() if world in spec["tokens"]}}
     res["collectives"] = {cf: collectives_per_step(cf) for cf in (None, 1.0)}
+    res["collectives_by_router"] = {router: collectives_per_step(None, router) for router in ROUTER_COLLECTIVES}
     res["sum_many"] = sum_many_case(rank)
     res["bad_config"] = errors_of(lambda: check_same_config(TinyLM(0) if rank == 0 else nn.Linear(2, 2)))
     res["bad_split"] = errors_of(lambda: apply_expert_parallel(moekit.MoE(4, 3, k=2)))
@@ -385,6 +386,17 @@ def test_a_layer_step_makes_few_collectives(runs):
     forward, backward = runs[2][0]["collectives"][1.0]
     assert forward == {"all_gather": 3, "all_reduce": 2, "all_to_all_single": 3}
     assert backward == {"all_reduce": 1, "all_to_all_single": 2}
+
+
+# Collectives per training step (forward + backward) of a dropless layer, as docs/scaling.md states.
+ROUTER_COLLECTIVES = {"topk": 7, "noisy_topk": 8, "vmoe": 8, "e3": 8, "hierarchical": 8, "switch": 7, "batchwise": 9}
+
+
+def test_every_router_fuses_its_statistics_into_one_all_reduce(runs):
+    for router, (forward, backward) in runs[2][0]["collectives_by_router"].items():
+        total = sum(forward.values()) + sum(backward.values())
+        assert total == ROUTER_COLLECTIVES[router], (router, forward, backward)
+        assert forward.get("all_reduce", 0) == 1 and backward.get("all_reduce", 0) == 1, (router, forward, backward)
 
 
 def test_failures_are_loud(runs):
