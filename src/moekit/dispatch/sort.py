@@ -13,9 +13,6 @@ from typing import NamedTuple
 
 import torch
 
-from moekit.experts import choose_compute
-from moekit.grouped import GroupPlan
-
 
 class Permutation(NamedTuple):
     """Where each routed slot goes.
@@ -53,32 +50,12 @@ def combine(h_ND: torch.Tensor, perm: Permutation, weights_TK: torch.Tensor, num
     return y_TD.index_add(0, perm.token_ids_N, h_ND * w_N1)
 
 
-def padded_dispatch(x_TD: torch.Tensor, perm: Permutation, weights_TK: torch.Tensor, experts,
-                    plan: GroupPlan) -> torch.Tensor:
-    """Gather tokens straight into the experts' padded row buffer (layout ``plan``, see
-    ``moekit.grouped``) and combine straight from it.
-
-    Padding rows read token 0 and are combined with weight 0: their contribution to the output and
-    to every gradient is exactly zero, and no [N, D] intermediate copy is made in either direction.
-    """
-    num_tokens, dim = x_TD.shape
-    rows_N = plan.padded_rows(perm.counts_E.to(x_TD.device))
-    src_R = torch.zeros(plan.rows, dtype=torch.long, device=x_TD.device).index_put_((rows_N,), perm.token_ids_N)
-    w_rows = weights_TK.reshape(-1)[perm.slot_ids_N].to(x_TD.dtype)
-    w_R = x_TD.new_zeros(plan.rows).index_put((rows_N,), w_rows)
-    # index_select, not x_TD[src]: its backward is an index_add, much faster than index_put(accumulate).
-    y_RD = experts.forward_rows(x_TD.index_select(0, src_R), plan)
-    return x_TD.new_zeros(num_tokens, dim).index_add(0, src_R, y_RD * w_R[:, None])
-
-
 class LocalDispatcher:
     """Dropless single-device dispatch: permute, compute each expert's segment, weighted scatter back."""
 
     def __call__(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
                  experts) -> torch.Tensor:
         perm = sort_by_expert(indices_TK, experts.num_experts)
-        backend, plan = choose_compute(experts.backend, x_TD, perm.counts)
-        if backend == "bmm":
-            return padded_dispatch(x_TD, perm, weights_TK, experts, plan)
-        h_ND = experts(x_TD[perm.token_ids_N], perm.counts)
+        # index_select, not x[ids]: its backward is an index_add, cheaper than advanced indexing's.
+        h_ND = experts(x_TD.index_select(0, perm.token_ids_N), perm.counts)
         return combine(h_ND, perm, weights_TK, x_TD.shape[0])

@@ -1,10 +1,21 @@
-"""Shared pieces of the routers: argument checks, the registry and the gating core.
+"""What every router shares: the ``Router`` base, argument checks, the registry and the gating core.
 
 Legend: T tokens, D model dim, E experts, K slots per token (top-k).
+
+A router's statistics and losses are defined on the whole batch, which may be sharded over
+processes (``moekit.shards``). Every router therefore works in two halves:
+
+1. ``local_routing(x_TD, mask_T)``: the decision for this shard's tokens, and this shard's
+   per-expert sums (counts, importance, and whatever else its losses need), by name;
+2. ``finish(local, sums)``: the ``Routing`` from the same sums taken over the whole batch.
+
+``Router.forward`` joins them with one ``shards.sum_many`` (one collective when sharded, the
+identity on one process), so a router never mentions process groups and costs one all-reduce.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -53,6 +64,13 @@ def check_router_args(dim: int, num_experts: int, k: int) -> None:
         raise ValueError(f"k={k} exceeds num_experts={num_experts}")
 
 
+def check_coefficient(name: str, value: float) -> float:
+    """A loss coefficient or noise level: a finite number >= 0; ``ValueError`` naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    return value
+
+
 def check_router_input(x_TD: torch.Tensor, mask_T: torch.Tensor | None, dim: int) -> None:
     """Validate a router's input; raise ``TypeError``/``ValueError`` naming the bad value."""
     if not isinstance(x_TD, torch.Tensor):
@@ -73,9 +91,81 @@ def check_router_input(x_TD: torch.Tensor, mask_T: torch.Tensor | None, dim: int
         raise ValueError(f"router input holds NaN or Inf (first at index {bad}, value {x_TD[tuple(bad)].item()})")
 
 
-def token_weights(mask_T: torch.Tensor | None, x_TD: torch.Tensor) -> torch.Tensor | None:
+def token_weights(mask_T: torch.Tensor | None) -> torch.Tensor | None:
     """[T] float32 0/1 weights from a bool mask (None when every token is real)."""
     return None if mask_T is None else mask_T.to(torch.float32)
+
+
+def masked_sum(v_T: torch.Tensor, weight_T: torch.Tensor | None) -> torch.Tensor:
+    """``v`` summed over the real tokens (dimension 0), padding weighted 0."""
+    if weight_T is None:
+        return v_T.sum(0)
+    return (v_T * weight_T.reshape(-1, *([1] * (v_T.dim() - 1)))).sum(0)
+
+
+class LocalRouting(NamedTuple):
+    """A router's decision for this shard's tokens, and the sums still to be taken over the whole batch."""
+
+    indices: torch.Tensor  # [T, K], empty slots -1
+    weights: torch.Tensor  # [T, K], empty slots 0
+    sums: dict[str, torch.Tensor]  # this shard's sums by name: "counts" [E], "importance" [E], ...
+
+
+class Router(nn.Module):
+    """The base of every router: its sizes, its loss coefficients and the batch its statistics cover.
+
+    Subclasses implement ``local_routing`` (and override ``finish`` when they have losses beyond
+    CV^2 of importance and load). ``loss_weights`` maps a loss name to its coefficient in
+    ``aux_loss``; a loss without a coefficient is reported in ``stats.losses`` only, and a
+    coefficient whose loss is absent (a training-only loss in eval) adds nothing.
+
+    Attributes:
+        dim, num_experts, k: D, E and the slots per token.
+        shards: the whole batch the statistics cover (``moekit.shards``); ``moekit.parallel``
+            swaps it when the batch is sharded over processes.
+    """
+
+    def __init__(self, dim: int, num_experts: int, k: int, loss_weights: dict[str, float]):
+        super().__init__()
+        check_router_args(dim, num_experts, k)
+        self.dim, self.num_experts, self.k = dim, num_experts, k
+        self.loss_weights = {name: check_coefficient(f"w_{name}", w) for name, w in loss_weights.items()}
+        self.shards: BatchShards = LOCAL_SHARDS
+
+    @property
+    def w_importance(self) -> float:
+        return self.loss_weights.get("importance", 0.0)
+
+    @property
+    def w_load(self) -> float:
+        return self.loss_weights.get("load", 0.0)
+
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
+        """Route [T, D] tokens (``mask_T`` [T] bool, True = real token). Returns ``Routing``."""
+        check_router_input(x_TD, mask_T, self.dim)
+        local = self.local_routing(x_TD, mask_T)
+        summed = self.shards.sum_many(*local.sums.values())
+        return self.finish(local, dict(zip(local.sums, summed, strict=True)))
+
+    def local_routing(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
+                      rows: tuple[int, int] | None = None) -> LocalRouting:
+        """The routing of this shard's tokens and its sums.
+
+        ``rows``: ``self.shards.rows(T, device)`` when the caller knows it already (a noisy router
+        draws its noise for the whole batch and keeps its own rows; see ``moekit.shards.randn_rows``).
+        """
+        raise NotImplementedError
+
+    def finish(self, local: LocalRouting, sums: dict[str, torch.Tensor]) -> Routing:
+        """The ``Routing`` of ``local`` from its sums over the whole batch.
+
+        This default reads "counts", "importance" and, if present, the smooth "load".
+        """
+        return routing_from_sums(local.indices, local.weights, sums["counts"], sums["importance"], sums.get("load"),
+                                 {}, self.loss_weights)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"
 
 
 class TopK(NamedTuple):
@@ -109,63 +199,30 @@ def noisy_top_k(clean: torch.Tensor, noise_std: torch.Tensor | None, k: int,
     return TopK(top_idx[..., :k], gates, load_prob)
 
 
-def finish_routing(
-    indices_TK: torch.Tensor,
-    weights_TK: torch.Tensor,
-    num_experts: int,
-    weight_T: torch.Tensor | None,
-    load_E: torch.Tensor | None,
-    extra_losses: dict[str, torch.Tensor],
-    coefficients: dict[str, float],
-    shards: BatchShards = LOCAL_SHARDS,
-) -> Routing:
-    """Mask padding slots, compute importance/load/CV^2 and the weighted aux loss.
-
-    Args:
-        indices_TK, weights_TK: the routing of every token.
-        weight_T: [T] 0/1 (0 = padding) or None.
-        load_E: [E] smooth load of this shard's tokens, or None to use the hard count.
-        extra_losses: unweighted losses beyond importance/load.
-        coefficients: loss name -> weight; losses without a coefficient are reported only, and a
-            coefficient whose loss is absent (e.g. a training-only loss in eval) adds nothing.
-        shards: the batch this shard belongs to (``moekit.shards``). Counts, importance and load
-            are summed over it in one collective before CV^2, which is not additive.
-
-    A router with other sums to reduce (loss terms, a load that is not a sum over tokens) calls
-    ``routing_sums`` and ``routing_from_sums`` itself, with one ``shards.sum_many`` between them.
-    """
-    indices_TK, weights_TK, counts_E, importance_E = routing_sums(indices_TK, weights_TK, num_experts, weight_T)
-    if load_E is not None:
-        counts_E, importance_E, load_E = shards.sum_many(counts_E, importance_E, load_E)
-    else:
-        counts_E, importance_E = shards.sum_many(counts_E, importance_E)
-    return routing_from_sums(indices_TK, weights_TK, counts_E, importance_E, load_E, extra_losses, coefficients)
-
-
 def routing_sums(indices_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, weight_T: torch.Tensor | None,
-                 importance_E: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """The first half of ``finish_routing``: mask padding slots (index -1, weight 0), then this
-    shard's per-expert counts and importance (unless given). Returns (indices_TK, weights_TK,
-    counts_E, importance_E); a router that needs more sums reduces them with these in one collective."""
+                 importance_E: torch.Tensor | None = None) -> LocalRouting:
+    """Mask padding slots (index -1, weight 0), then this shard's per-expert "counts" and
+    "importance" (the sum of the combine weights, unless given)."""
     if weight_T is not None:
         real_T1 = weight_T[:, None] > 0
         indices_TK = torch.where(real_T1, indices_TK, torch.full_like(indices_TK, -1))
         weights_TK = weights_TK * weight_T[:, None].to(weights_TK.dtype)
     if importance_E is None:
         importance_E = scatter_to_experts(indices_TK, weights_TK, num_experts)
-    return indices_TK, weights_TK, hard_counts(indices_TK, num_experts), importance_E
+    return LocalRouting(indices_TK, weights_TK, {"counts": hard_counts(indices_TK, num_experts),
+                                                 "importance": importance_E})
 
 
 def routing_from_sums(indices_TK: torch.Tensor, weights_TK: torch.Tensor, counts_E: torch.Tensor,
                       importance_E: torch.Tensor, load_E: torch.Tensor | None, extra_losses: dict[str, torch.Tensor],
-                      coefficients: dict[str, float]) -> Routing:
-    """The second half of ``finish_routing``: CV^2 losses and the weighted aux loss from the whole
-    batch's counts, importance and load (None: the counts)."""
+                      loss_weights: dict[str, float]) -> Routing:
+    """CV^2 losses and the weighted aux loss from the whole batch's counts, importance and load
+    (None: the counts)."""
     if load_E is None:
         load_E = counts_E.to(importance_E.dtype)
     losses = {"importance": cv_squared(importance_E), "load": cv_squared(load_E), **extra_losses}
     aux = importance_E.new_zeros(())
-    for name, coef in coefficients.items():
+    for name, coef in loss_weights.items():
         if coef and name in losses:
             aux = aux + coef * losses[name]
     stats = RoutingStats(importance_E, load_E, counts_E, 0, losses)

@@ -15,14 +15,14 @@ import torch
 from torch import nn
 
 from moekit.routing.base import (
-    check_router_args,
-    check_router_input,
+    LocalRouting,
+    Router,
     register_router,
     routing_from_sums,
     routing_sums,
+    token_weights,
 )
 from moekit.routing.losses import batchwise_threshold_terms
-from moekit.shards import LOCAL_SHARDS
 from moekit.types import Routing
 
 
@@ -50,7 +50,7 @@ def mask_to_routing(mask_TE: torch.Tensor, gates_TE: torch.Tensor,
 
 
 @register_router("batchwise")
-class BatchwiseRouter(nn.Module):
+class BatchwiseRouter(Router):
     """``G(x)_i = Softmax(x W_g)_i M_i / sum_j Softmax(x W_g)_j M_j`` with a batchwise mask M.
 
     Args:
@@ -63,14 +63,13 @@ class BatchwiseRouter(nn.Module):
     def __init__(self, dim: int, num_experts: int, k: int = 2, w_importance: float = 0.0,
                  w_load: float = 0.0, w_threshold: float = 1.0, init_std: float = 0.02,
                  device=None, dtype=None):
-        super().__init__()
-        check_router_args(dim, num_experts, k)
-        self.dim, self.num_experts, self.k = dim, num_experts, k
-        self.w_importance, self.w_load, self.w_threshold = w_importance, w_load, w_threshold
+        super().__init__(dim, num_experts, k, {"importance": w_importance, "load": w_load, "threshold": w_threshold})
         self.w_gate = nn.Parameter(torch.randn(dim, num_experts, device=device, dtype=dtype) * init_std)
         self.thresholds = nn.Parameter(torch.zeros(num_experts, device=device, dtype=dtype))
-        # The batch whose top-m tokens each expert takes; moekit.parallel swaps it when tokens are sharded.
-        self.shards = LOCAL_SHARDS
+
+    @property
+    def w_threshold(self) -> float:
+        return self.loss_weights["threshold"]
 
     def batch_mask(self, logits_TE: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
         """[T, E] bool: each expert's top-m real tokens of the whole batch (every shard of it)."""
@@ -92,12 +91,11 @@ class BatchwiseRouter(nn.Module):
             out.scatter_(0, top_tokens_mE, True)
         return out, start
 
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
-        check_router_input(x_TD, mask_T, self.dim)
+    def local_routing(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
+                      rows: tuple[int, int] | None = None) -> LocalRouting:
         logits_TE = x_TD.float() @ self.w_gate.float()
         thresholds_E = self.thresholds.float()
-        weight_T = None if mask_T is None else mask_T.float()
-        extra = {}
+        weight_T = token_weights(mask_T)
         if self.training:
             all_keep_TE, start = self._whole_batch_mask(logits_TE, mask_T)
             keep_TE = all_keep_TE[start : start + logits_TE.shape[0]]
@@ -115,18 +113,16 @@ class BatchwiseRouter(nn.Module):
         probs_TE = torch.softmax(logits_TE, dim=-1) * keep_TE
         gates_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(probs_TE.dtype).tiny)
         indices_TK, weights_TK = mask_to_routing(keep_TE, gates_TE, width)
-        indices_TK, weights_TK, counts_E, importance_E = routing_sums(indices_TK, weights_TK, self.num_experts,
-                                                                      weight_T)
+        local = routing_sums(indices_TK, weights_TK, self.num_experts, weight_T)
         if self.training:  # the threshold loss's sums travel with the statistics, in one collective
             w_T = logits_TE.new_ones(logits_TE.shape[0]) if weight_T is None else weight_T
             terms_T = batchwise_threshold_terms(logits_TE, thresholds_E, keep_TE)
-            counts_E, importance_E, threshold_sum, num_real = self.shards.sum_many(
-                counts_E, importance_E, (terms_T * w_T).sum(), w_T.sum())
-            extra["threshold"] = threshold_sum / num_real.clamp_min(1.0)
-        else:
-            counts_E, importance_E = self.shards.sum_many(counts_E, importance_E)
-        coefs = {"importance": self.w_importance, "load": self.w_load, "threshold": self.w_threshold}
-        return routing_from_sums(indices_TK, weights_TK, counts_E, importance_E, None, extra, coefs)
+            local.sums.update(threshold=(terms_T * w_T).sum(), tokens=w_T.sum())
+        return local
 
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"
+    def finish(self, local: LocalRouting, sums: dict[str, torch.Tensor]) -> Routing:
+        extra = {}
+        if "threshold" in sums:
+            extra["threshold"] = sums["threshold"] / sums["tokens"].clamp_min(1.0)
+        return routing_from_sums(local.indices, local.weights, sums["counts"], sums["importance"], None, extra,
+                                 self.loss_weights)

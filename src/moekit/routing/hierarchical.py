@@ -16,18 +16,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.routing.base import (
+    LocalRouting,
+    Router,
+    check_coefficient,
     check_router_args,
-    check_router_input,
     noisy_top_k,
     routing_from_sums,
     routing_sums,
+    token_weights,
 )
 from moekit.routing.losses import hard_counts
-from moekit.shards import LOCAL_SHARDS
 from moekit.types import Routing
 
 
-class HierarchicalRouter(nn.Module):
+class HierarchicalRouter(Router):
     """A primary noisy top-k gate over G groups and one secondary noisy top-k gate per group.
 
     Secondary logits are computed for every group (a [T, G, B] einsum, the same cost as one flat
@@ -37,32 +39,31 @@ class HierarchicalRouter(nn.Module):
     def __init__(self, dim: int, num_groups: int, experts_per_group: int, k_primary: int = 2,
                  k_secondary: int = 2, noise_epsilon: float = 1e-2, w_importance: float = 0.1,
                  w_load: float = 0.1, device=None, dtype=None):
-        super().__init__()
         check_router_args(dim, num_groups, k_primary)
         check_router_args(dim, experts_per_group, k_secondary)
-        self.dim, self.num_groups, self.experts_per_group = dim, num_groups, experts_per_group
-        self.num_experts = num_groups * experts_per_group
+        super().__init__(dim, num_groups * experts_per_group, k_primary * k_secondary,
+                         {"importance": w_importance, "load": w_load})
+        self.num_groups, self.experts_per_group = num_groups, experts_per_group
         self.k_primary, self.k_secondary = k_primary, k_secondary
-        self.k = k_primary * k_secondary
-        self.noise_epsilon, self.w_importance, self.w_load = noise_epsilon, w_importance, w_load
+        self.noise_epsilon = check_coefficient("noise_epsilon", noise_epsilon)
         kw = {"device": device, "dtype": dtype}
         self.w_gate = nn.Parameter(torch.zeros(dim, num_groups, **kw))
         self.w_noise = nn.Parameter(torch.zeros(dim, num_groups, **kw))
         self.w_gate_secondary = nn.Parameter(torch.zeros(num_groups, dim, experts_per_group, **kw))
         self.w_noise_secondary = nn.Parameter(torch.zeros(num_groups, dim, experts_per_group, **kw))
-        self.shards = LOCAL_SHARDS  # the whole batch the balancing losses see (see moekit.shards)
 
     def _std(self, logits: torch.Tensor) -> torch.Tensor:
         return F.softplus(logits) + self.noise_epsilon
 
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
-        check_router_input(x_TD, mask_T, self.dim)
+    def local_routing(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
+                      rows: tuple[int, int] | None = None) -> LocalRouting:
         x_TD = x_TD.float()
         num_tokens, B, P = x_TD.shape[0], self.experts_per_group, self.k_primary
         clean_TG = x_TD @ self.w_gate.float()
         std_TG = self._std(x_TD @ self.w_noise.float()) if self.training else None  # noise only in training
         # Both levels draw noise for the same rows of each shard: ask for the shard sizes once.
-        rows = self.shards.rows(num_tokens, x_TD.device) if self.training and self.shards.count > 1 else None
+        if rows is None and self.training and self.shards.count > 1:
+            rows = self.shards.rows(num_tokens, x_TD.device)
         primary = noisy_top_k(clean_TG, std_TG, P, self.shards, rows)
 
         gather_TPB = primary.indices[..., None].expand(num_tokens, P, B)
@@ -75,19 +76,21 @@ class HierarchicalRouter(nn.Module):
 
         indices_TK = (primary.indices[..., None] * B + secondary.indices).reshape(num_tokens, self.k)
         weights_TK = (primary.gates[..., None] * secondary.gates).reshape(num_tokens, self.k)
-        weight_T = None if mask_T is None else mask_T.float()
-        indices_TK, weights_TK, counts_E, importance_E = routing_sums(indices_TK, weights_TK, self.num_experts,
-                                                                      weight_T)
-        coefficients = {"importance": self.w_importance, "load": self.w_load}
-        if primary.load_prob is None and secondary.load_prob is None:
-            counts_E, importance_E = self.shards.sum_many(counts_E, importance_E)
-            return routing_from_sums(indices_TK, weights_TK, counts_E, importance_E, None, {}, coefficients)
-        # Eq. 14 is not additive over tokens, but its three sums are: they travel with the counts
-        # and the importance, in one collective.
-        counts_E, importance_E, *load_sums = self.shards.sum_many(
-            counts_E, importance_E, *self._smooth_load_sums(primary, secondary, weight_T, num_tokens))
-        return routing_from_sums(indices_TK, weights_TK, counts_E, importance_E, self._smooth_load(*load_sums), {},
-                                 coefficients)
+        weight_T = token_weights(mask_T)
+        local = routing_sums(indices_TK, weights_TK, self.num_experts, weight_T)
+        if primary.load_prob is not None or secondary.load_prob is not None:
+            # Eq. 14 is not additive over tokens, but its three sums are: they travel with the
+            # counts and the importance, in one collective.
+            members, load_primary, load_secondary = self._smooth_load_sums(primary, secondary, weight_T, num_tokens)
+            local.sums.update(members=members, load_primary=load_primary, load_secondary=load_secondary)
+        return local
+
+    def finish(self, local: LocalRouting, sums: dict[str, torch.Tensor]) -> Routing:
+        load_E = None
+        if "members" in sums:
+            load_E = self._smooth_load(sums["members"], sums["load_primary"], sums["load_secondary"])
+        return routing_from_sums(local.indices, local.weights, sums["counts"], sums["importance"], load_E, {},
+                                 self.loss_weights)
 
     def _smooth_load_sums(self, primary, secondary, weight_T, num_tokens: int) -> tuple[torch.Tensor, ...]:
         """This shard's sums of eq. 14: group members |X^(i)| [G], primary load [G], secondary load [G, B].

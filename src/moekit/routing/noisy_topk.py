@@ -10,19 +10,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.routing.base import (
-    check_router_args,
-    check_router_input,
-    finish_routing,
+    LocalRouting,
+    Router,
+    check_coefficient,
+    masked_sum,
     noisy_top_k,
     register_router,
+    routing_sums,
     token_weights,
 )
-from moekit.shards import LOCAL_SHARDS
-from moekit.types import Routing
 
 
 @register_router("noisy_topk")
-class NoisyTopKRouter(nn.Module):
+class NoisyTopKRouter(Router):
     """``G(x) = Softmax(KeepTopK(x W_g + N(0,1) * (Softplus(x W_noise) + eps), k))``.
 
     ``w_gate`` and ``w_noise`` start at zero ("no signal and some noise", §4 of the paper): routing
@@ -39,33 +39,24 @@ class NoisyTopKRouter(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, k: int = 2, noise_epsilon: float = 1e-2,
                  w_importance: float = 0.1, w_load: float = 0.1, device=None, dtype=None):
-        super().__init__()
-        check_router_args(dim, num_experts, k)
-        if noise_epsilon < 0:
-            raise ValueError(f"noise_epsilon={noise_epsilon} must be >= 0")
-        self.dim, self.num_experts, self.k = dim, num_experts, k
-        self.noise_epsilon = noise_epsilon
-        self.w_importance, self.w_load = w_importance, w_load
+        super().__init__(dim, num_experts, k, {"importance": w_importance, "load": w_load})
+        self.noise_epsilon = check_coefficient("noise_epsilon", noise_epsilon)
         self.w_gate = nn.Parameter(torch.zeros(dim, num_experts, device=device, dtype=dtype))
         self.w_noise = nn.Parameter(torch.zeros(dim, num_experts, device=device, dtype=dtype))
-        # The whole batch the balancing losses see; moekit.parallel swaps it when tokens are sharded.
-        self.shards = LOCAL_SHARDS
 
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
-        check_router_input(x_TD, mask_T, self.dim)
+    def local_routing(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
+                      rows: tuple[int, int] | None = None) -> LocalRouting:
         x_TD = x_TD.float()
         clean_TE = x_TD @ self.w_gate.float()
         noise_std_TE = None
         if self.training:
             noise_std_TE = F.softplus(x_TD @ self.w_noise.float()) + self.noise_epsilon
-        top = noisy_top_k(clean_TE, noise_std_TE, self.k, self.shards)
-        weight_T = token_weights(mask_T, x_TD)
-        load_E = None
-        if top.load_prob is not None:
-            prob_TE = top.load_prob if weight_T is None else top.load_prob * weight_T[:, None]
-            load_E = prob_TE.sum(0)  # this shard's; summed with the counts and importance
-        return finish_routing(top.indices, top.gates, self.num_experts, weight_T, load_E, {},
-                              {"importance": self.w_importance, "load": self.w_load}, self.shards)
+        top = noisy_top_k(clean_TE, noise_std_TE, self.k, self.shards, rows)
+        weight_T = token_weights(mask_T)
+        local = routing_sums(top.indices, top.gates, self.num_experts, weight_T)
+        if top.load_prob is not None:  # the smooth load of eq. 10, summed with the counts and importance
+            local.sums["load"] = masked_sum(top.load_prob, weight_T)
+        return local
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, noise_epsilon={self.noise_epsilon}"
+        return f"{super().extra_repr()}, noise_epsilon={self.noise_epsilon}"

@@ -8,20 +8,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.routing.base import (
-    check_router_args,
-    check_router_input,
-    finish_routing,
-    noisy_top_k,
-    register_router,
-    token_weights,
-)
-from moekit.shards import LOCAL_SHARDS
-from moekit.types import Routing
+from moekit.routing.base import LocalRouting, Router, noisy_top_k, register_router, routing_sums, token_weights
 
 
 @register_router("topk")
-class TopKRouter(nn.Module):
+class TopKRouter(Router):
     """``G(x) = Softmax(KeepTopK(x W_g, k))``; the balancing losses use the hard load.
 
     The hard load has no gradient, so only the importance loss shapes the gate.
@@ -31,19 +22,11 @@ class TopKRouter(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, k: int = 2, w_importance: float = 0.1,
                  w_load: float = 0.1, init_std: float = 0.02, device=None, dtype=None):
-        super().__init__()
-        check_router_args(dim, num_experts, k)
-        self.dim, self.num_experts, self.k = dim, num_experts, k
-        self.w_importance, self.w_load = w_importance, w_load
+        super().__init__(dim, num_experts, k, {"importance": w_importance, "load": w_load})
         self.w_gate = nn.Parameter(torch.randn(dim, num_experts, device=device, dtype=dtype) * init_std)
-        self.shards = LOCAL_SHARDS  # the whole batch the balancing losses see (see moekit.shards)
 
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
-        check_router_input(x_TD, mask_T, self.dim)
+    def local_routing(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
+                      rows: tuple[int, int] | None = None) -> LocalRouting:
         clean_TE = x_TD.float() @ self.w_gate.float()
         top = noisy_top_k(clean_TE, None, self.k)
-        return finish_routing(top.indices, top.gates, self.num_experts, token_weights(mask_T, x_TD), None,
-                              {}, {"importance": self.w_importance, "load": self.w_load}, self.shards)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"
+        return routing_sums(top.indices, top.gates, self.num_experts, token_weights(mask_T))

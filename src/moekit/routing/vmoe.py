@@ -18,36 +18,25 @@ Without noise (evaluation) the load is the hard count.
 
 Capacity ``ceil(T*K*cf/E)`` rounded up to a multiple of 4 and batch-prioritised routing are the
 layer's business: ``moekit.MoE(router="vmoe", capacity_factor=1.05, capacity_multiple=4,
-batch_prioritized=True)``.
+batch_prioritized=True)``. The E^3 router (``moekit.routing.ensemble``) is M of these side by side.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from moekit.routing.base import (
-    check_router_args,
-    check_router_input,
+    LocalRouting,
+    Router,
+    check_coefficient,
+    masked_sum,
     register_router,
-    routing_from_sums,
     routing_sums,
     token_weights,
 )
 from moekit.routing.losses import prob_in_top_k
 from moekit.shards import LOCAL_SHARDS, BatchShards, randn_rows
-from moekit.types import Routing
-
-
-class LocalRouting(NamedTuple):
-    """A router's decision for this shard's tokens, and the per-expert sums still to be summed over
-    the whole batch (``moekit.shards``)."""
-
-    indices: torch.Tensor  # [T, K], padding slots -1
-    weights: torch.Tensor  # [T, K], padding slots 0
-    sums: tuple[torch.Tensor, ...]  # this shard's counts [E], importance [E] (and smooth load [E])
 
 
 def vmoe_gates(logits_TE: torch.Tensor, k: int, noise_std: float | None,
@@ -80,7 +69,7 @@ def vmoe_gates(logits_TE: torch.Tensor, k: int, noise_std: float | None,
 
 
 @register_router("vmoe")
-class VMoERouter(nn.Module):
+class VMoERouter(Router):
     """The V-MoE router: noisy top-K of the softmax over all experts, gates not renormalised.
 
     Args:
@@ -96,47 +85,22 @@ class VMoERouter(nn.Module):
     def __init__(self, dim: int, num_experts: int, k: int = 1, w_importance: float = 0.005,
                  w_load: float = 0.005, noise_std: float | None = None, init_std: float = 0.02,
                  device=None, dtype=None):
-        super().__init__()
-        check_router_args(dim, num_experts, k)
-        noise_std = 1.0 / num_experts if noise_std is None else float(noise_std)
-        if noise_std < 0:
-            raise ValueError(f"noise_std={noise_std} must be >= 0")
-        self.dim, self.num_experts, self.k = dim, num_experts, k
-        self.w_importance, self.w_load, self.noise_std = w_importance, w_load, noise_std
+        super().__init__(dim, num_experts, k, {"importance": w_importance, "load": w_load})
+        self.noise_std = check_coefficient("noise_std", 1.0 / num_experts if noise_std is None else float(noise_std))
         self.w_gate = nn.Parameter(torch.randn(dim, num_experts, device=device, dtype=dtype) * init_std)
-        # The whole batch the balancing losses see; moekit.parallel swaps it when tokens are sharded.
-        self.shards = LOCAL_SHARDS
-
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
-        check_router_input(x_TD, mask_T, self.dim)
-        local = self.local_routing(x_TD, mask_T)
-        return self.finish(local, self.shards.sum_many(*local.sums))
 
     def local_routing(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
                       rows: tuple[int, int] | None = None) -> LocalRouting:
-        """Routing and this shard's sums (counts, importance, and the smooth load in training).
-
-        ``rows``: ``self.shards.rows(T, device)`` if the caller has it (the noise draw needs it).
-        """
         logits_TE = x_TD.float() @ self.w_gate.float()
         noise_std = self.noise_std if self.training else None
         indices_TK, gates_TK, load_prob_TE = vmoe_gates(logits_TE, self.k, noise_std, self.shards, rows)
-        weight_T = token_weights(mask_T, x_TD)
+        weight_T = token_weights(mask_T)
         # V-MoE's importance is over the whole clean softmax, not only the kept gates.
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        importance_E = (probs_TE if weight_T is None else probs_TE * weight_T[:, None]).sum(0)
-        indices_TK, gates_TK, counts_E, importance_E = routing_sums(indices_TK, gates_TK, self.num_experts, weight_T,
-                                                                    importance_E)
-        sums = (counts_E, importance_E)
+        importance_E = masked_sum(torch.softmax(logits_TE, dim=-1), weight_T)
+        local = routing_sums(indices_TK, gates_TK, self.num_experts, weight_T, importance_E)
         if load_prob_TE is not None:
-            sums += ((load_prob_TE if weight_T is None else load_prob_TE * weight_T[:, None]).sum(0),)
-        return LocalRouting(indices_TK, gates_TK, sums)
-
-    def finish(self, local: LocalRouting, sums: tuple[torch.Tensor, ...]) -> Routing:
-        """The Routing from ``local`` and its sums over the whole batch (same order as ``local.sums``)."""
-        counts_E, importance_E, *load = sums
-        return routing_from_sums(local.indices, local.weights, counts_E, importance_E, load[0] if load else None, {},
-                                 {"importance": self.w_importance, "load": self.w_load})
+            local.sums["load"] = masked_sum(load_prob_TE, weight_T)
+        return local
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, noise_std={self.noise_std:g}"
+        return f"{super().extra_repr()}, noise_std={self.noise_std:g}"

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moekit.grouped import MAX_GROUP, group_cost, grouped_linear, plan_groups
+from moekit.experts.grouped import MAX_GROUP, group_cost, grouped_linear, plan_groups
 
 
 def _cost(bounds, counts, threads):
@@ -110,7 +110,7 @@ def test_grouped_linear_rejects_a_buffer_of_the_wrong_size():
 
 
 def test_one_group_pads_every_expert_to_the_largest():
-    from moekit.grouped import one_group
+    from moekit.experts.grouped import one_group
 
     plan = one_group([3, 0, 5])
     assert plan.groups == [(0, 3, 5, 0)] and plan.rows == 15 and plan.base == [0, 5, 10]
@@ -129,7 +129,7 @@ def test_auto_backend_choice_on_cpu():
 
 
 def test_grouped_relu_mlp_equals_the_unfused_layers():
-    from moekit.grouped import grouped_relu_mlp
+    from moekit.experts.grouped import grouped_relu_mlp
 
     counts = [4, 0, 0, 0, 0, 0, 6, 1, 3, 0, 2, 5]
     plan = plan_groups(counts, threads=2)

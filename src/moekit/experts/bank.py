@@ -5,6 +5,9 @@ Legend: N routed token-slots (grouped by expert), D model dim, F expert hidden d
 Expert e computes ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]`` (SwiGLU: ``silu(x @ w1[e] + b1[e]) *
 (x @ w3[e]) @ w2[e] + b2[e]``). Keeping all experts in one tensor per weight lets the layer be
 built on the meta device and sharded by slicing the E axis.
+
+The bank owns its compute: ``Experts.forward(x_ND, counts)`` is the one entry every dispatcher
+(local or all-to-all) calls, and ``choose_compute`` the one place a backend is picked.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.grouped import GroupPlan, grouped_linear, grouped_relu_mlp, one_group, plan_groups
+from moekit.experts.grouped import GroupPlan, grouped_linear, grouped_relu_mlp, one_group, plan_groups
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}
 BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
@@ -146,9 +149,9 @@ class Experts(nn.Module):
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def forward_rows(self, x_RD: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
-        """All experts on the padded [R, D] row layout of ``plan`` (``moekit.grouped``): one batched
-        matmul per group of experts and weight. Returns [R, D]; padding rows hold act(b1) @ w2 + b2
-        (padding reads a real token, so with SwiGLU something of it), and are meant to be ignored."""
+        """All experts on the padded [R, D] row layout of ``plan`` (``moekit.experts.grouped``): one
+        batched matmul per group of experts and weight. Returns [R, D]; padding rows hold
+        ``act(b1) @ w2 + b2`` and are meant to be ignored."""
         w1, b1, w2, b2, w3 = self._weights(x_RD.dtype)
         if self.activation == "relu":
             return grouped_relu_mlp(x_RD, w1, b1, w2, b2, plan)

@@ -1,4 +1,5 @@
-"""The partitioned router of E^3 (Allingham et al., "Sparse MoEs meet Efficient Ensembles").
+"""The partitioned router of E^3 (Allingham et al., "Sparse MoEs meet Efficient Ensembles"), beside
+the V-MoE router it is made of.
 
 Legend: T tokens, N tokens per member (T = N*M), D model dim, E experts, P experts per member
 (E = M*P), M ensemble members, K slots per token.
@@ -19,8 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.routing.base import check_router_args, check_router_input, register_router
+from moekit.routing.base import LocalRouting, Router, check_router_args, register_router
 from moekit.routing.vmoe import VMoERouter
+from moekit.shards import BatchShards
 from moekit.types import Routing, RoutingStats
 
 
@@ -35,7 +37,7 @@ def check_ensemble_size(num_experts: int, ensemble_size: int) -> int:
 
 
 @register_router("e3")
-class PartitionedRouter(nn.Module):
+class PartitionedRouter(Router):
     """M V-MoE routers, member m routing its tokens (``t % M == m``) within experts ``[m*P, (m+1)*P)``.
 
     Args:
@@ -54,30 +56,38 @@ class PartitionedRouter(nn.Module):
     def __init__(self, dim: int, num_experts: int, k: int = 1, ensemble_size: int = 2,
                  w_importance: float = 0.005, w_load: float = 0.005, noise_std: float | None = None,
                  init_std: float = 0.02, device=None, dtype=None):
-        super().__init__()
         check_router_args(dim, num_experts, k)
         per_member = check_ensemble_size(num_experts, ensemble_size)
         if k > per_member:
             raise ValueError(f"k={k} exceeds the {per_member} experts of each member "
                              f"(num_experts={num_experts} / ensemble_size={ensemble_size})")
-        self.dim, self.num_experts, self.k = dim, num_experts, k
+        # The members hold the loss coefficients; aux_loss is the mean of theirs.
+        super().__init__(dim, num_experts, k, {})
         self.ensemble_size, self.experts_per_member = ensemble_size, per_member
         self.members = nn.ModuleList(
             VMoERouter(dim, per_member, k, w_importance, w_load, noise_std, init_std, device=device, dtype=dtype)
             for _ in range(ensemble_size))
 
     @property
-    def shards(self):
+    def shards(self) -> BatchShards:
         """The whole batch the members' balancing losses see (``moekit.shards``); set on every member."""
         return self.members[0].shards
 
     @shards.setter
-    def shards(self, value) -> None:
-        for router in self.members:
+    def shards(self, value: BatchShards) -> None:
+        for router in self._modules.get("members", ()):  # none yet while Router.__init__ runs
             router.shards = value
 
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
-        check_router_input(x_TD, mask_T, self.dim)
+    @property
+    def w_importance(self) -> float:
+        return self.members[0].w_importance
+
+    @property
+    def w_load(self) -> float:
+        return self.members[0].w_load
+
+    def local_routing(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
+                      rows: tuple[int, int] | None = None) -> LocalRouting:
         M, P = self.ensemble_size, self.experts_per_member
         num_tokens = x_TD.shape[0]
         if num_tokens % M:
@@ -86,18 +96,23 @@ class PartitionedRouter(nn.Module):
         x_NMD = x_TD.view(num_tokens // M, M, self.dim)
         mask_NM = None if mask_T is None else mask_T.view(num_tokens // M, M)
         # Every member draws noise for the same N rows of each shard: ask for the shard sizes once.
-        rows = None
-        if self.training and self.shards.count > 1 and any(r.noise_std for r in self.members):
+        if rows is None and self.training and self.shards.count > 1 and any(r.noise_std for r in self.members):
             rows = self.shards.rows(num_tokens // M, x_TD.device)
-        local = [router.local_routing(x_NMD[:, m], None if mask_NM is None else mask_NM[:, m], rows)
+        parts = [router.local_routing(x_NMD[:, m], None if mask_NM is None else mask_NM[:, m], rows)
                  for m, router in enumerate(self.members)]
-        # The members' statistics, summed over the whole batch in one collective.
-        summed = iter(self.shards.sum_many(*(s for part in local for s in part.sums)))
-        parts = [router.finish(part, tuple(next(summed) for _ in part.sums))
-                 for router, part in zip(self.members, local, strict=True)]
         # Member m's local expert j is global expert m*P + j; empty slots stay -1.
         indices_NMK = torch.stack([torch.where(r.indices >= 0, r.indices + m * P, -1) for m, r in enumerate(parts)], 1)
         weights_NMK = torch.stack([r.weights for r in parts], 1)
+        K = indices_NMK.shape[-1]
+        # The members' statistics, summed over the whole batch in one collective.
+        sums = {f"{m}.{name}": value for m, part in enumerate(parts) for name, value in part.sums.items()}
+        return LocalRouting(indices_NMK.reshape(num_tokens, K), weights_NMK.reshape(num_tokens, K), sums)
+
+    def finish(self, local: LocalRouting, sums: dict[str, torch.Tensor]) -> Routing:
+        parts = []
+        for m, router in enumerate(self.members):
+            mine = {name.split(".", 1)[1]: value for name, value in sums.items() if name.startswith(f"{m}.")}
+            parts.append(router.finish(local, mine))  # only its stats and aux loss are read
         stats = RoutingStats(
             importance=torch.cat([r.stats.importance for r in parts]),
             load=torch.cat([r.stats.load for r in parts]),
@@ -106,8 +121,7 @@ class PartitionedRouter(nn.Module):
             losses={name: torch.stack([r.stats.losses[name] for r in parts]).mean() for name in parts[0].stats.losses},
         )
         aux = torch.stack([r.aux_loss for r in parts]).mean()
-        K = indices_NMK.shape[-1]
-        return Routing(indices_NMK.reshape(num_tokens, K), weights_NMK.reshape(num_tokens, K), aux, stats)
+        return Routing(local.indices, local.weights, aux, stats)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, ensemble_size={self.ensemble_size}"
+        return f"{super().extra_repr()}, ensemble_size={self.ensemble_size}"
