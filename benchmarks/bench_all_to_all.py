@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+# The spawned ranks import this script's worker by module name: its folder must be on their path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import machine_tag, results_path, time_interleaved, write_json  # noqa: E402
 
 import moekit  # noqa: E402
+from moekit.bench.timing import machine_tag, results_path, time_interleaved, write_json  # noqa: E402
 from moekit.parallel import apply_expert_parallel, spawn_local  # noqa: E402
 
 CANDIDATES = ("local", "expert_parallel", "all_to_all", "all_reduce")

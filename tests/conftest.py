@@ -47,3 +47,27 @@ def tiny_npz(tmp_path_factory):
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
              x_ood=rng.integers(0, 256, (8, 8, 8)).astype(np.uint8))
     return path
+
+
+@pytest.fixture
+def stop_during_step(monkeypatch):
+    """``stop_during_step(n)``: the training loop behaves as if SIGINT arrived during the n-th training
+    step of this process (counted over every run of a job), so the job checkpoints and stops."""
+    import moekit.train.loop as loop
+
+    def arm(n: int) -> None:
+        seen = {"steps": 0}
+
+        class StopAfter(loop.StopRequest):
+            @property
+            def requested(self):  # read once at the end of every step
+                seen["steps"] += 1
+                return seen["steps"] >= n
+
+            @requested.setter
+            def requested(self, value):
+                pass
+
+        monkeypatch.setattr(loop, "StopRequest", StopAfter)
+
+    return arm

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -20,6 +19,7 @@ import moekit
 from moekit.data import DataFileError, MissingDataError
 from moekit.memory import keep_freed_memory
 from moekit.train.outdir import ConfigError, OutDirError
+from moekit.train.runtime import is_main_process
 
 # Errors that are the user's to fix: printed as one line, no traceback.
 USER_ERRORS = (ConfigError, OutDirError, MissingDataError, DataFileError)
@@ -27,7 +27,7 @@ USER_ERRORS = (ConfigError, OutDirError, MissingDataError, DataFileError)
 
 class Job(NamedTuple):
     help: str
-    module: str  # provides add_args(parser) and run(args) -> int
+    module: str  # a package of moekit.jobs (or moekit.bench) providing add_args(parser) and run(args) -> int
     default_out: str
 
 
@@ -35,7 +35,7 @@ JOBS: dict[str, Job] = {
     "demo": Job(
         "train a small MoE language model on the King James Bible, then compare lstm-4x with moe-32"
         " (about two minutes on 2 CPU cores)",
-        "moekit.demo",
+        "moekit.jobs.demo",
         "runs/demo",
     ),
     "bench": Job(
@@ -55,7 +55,7 @@ JOBS: dict[str, Job] = {
     ),
     "patterns": Job(
         "SPMoE: K distinct outputs per input, against top-K beam search, K samples and hMoEup",
-        "moekit.patterns.job",
+        "moekit.jobs.patterns",
         "runs/patterns",
     ),
 }
@@ -129,4 +129,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _first_rank() -> bool:
     # Under torchrun every rank meets the same error; one message is enough.
-    return os.environ.get("RANK", "0") == "0"
+    return is_main_process()

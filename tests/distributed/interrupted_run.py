@@ -8,7 +8,7 @@ import signal
 import sys
 
 from moekit.cli import main
-from moekit.train.parallel import ExpertParallel
+from moekit.train.strategy import ExpertParallel
 
 STEP, RANK = int(sys.argv[1]), int(sys.argv[2])
 _original = ExpertParallel.clip_and_step

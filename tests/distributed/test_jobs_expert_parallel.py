@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from moekit.cli import main
-from moekit.jobs import ensemble as ensemble_job
-from moekit.jobs import lm as lm_job
-from moekit.jobs.lm import config_from_args
+from moekit.jobs.ensemble import job as ensemble_job
+from moekit.jobs.lm import job as lm_job
+from moekit.jobs.lm.config import config_from_args
 from moekit.train.checkpoint import load_checkpoint
 from moekit.train.outdir import ConfigError
-from moekit.train.parallel import ExpertParallel
+from moekit.train.strategy import ExpertParallel
 
 torch.set_num_threads(1)
 
@@ -118,7 +118,7 @@ def test_lm_interrupted_on_one_rank_resumes_on_2_ranks_or_in_one_process(tmp_pat
     assert proc.stderr.count("rerun with --resume") == 1, proc.stderr[-3000:]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000006.pt"]
     ckpt = load_checkpoint(out / "checkpoints" / "step_00000006.pt")
-    assert ckpt["model"]["middle.experts.w1"].shape[0] == 4  # the whole model, as one process saves it
+    assert ckpt["current"]["model"]["middle.experts.w1"].shape[0] == 4  # the whole model, as one process saves it
     assert not (out / "metrics.json").exists()
     in_one = tmp_path / "cut-copy"
     shutil.copytree(out, in_one)

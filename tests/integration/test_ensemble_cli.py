@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import moekit.jobs.ensemble as ensemble_job
 from moekit import cli
 from moekit.metrics.calibration import accuracy, brier, ece, nll
 from moekit.metrics.diversity import disagreement
@@ -57,31 +56,11 @@ def test_end_to_end_writes_recomputable_metrics(tiny_npz, tmp_path, capsys):
     assert "| deep-ensemble |" in capsys.readouterr().out
 
 
-class _StopAfter(ensemble_job.StopRequest):
-    """Behaves as if SIGINT arrived during the 5th training step of the job."""
-
-    steps = 0
-
-    @property
-    def requested(self):
-        return _StopAfter.steps >= 5
-
-    @requested.setter
-    def requested(self, value):
-        pass
-
-
-def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run(tiny_npz, tmp_path, monkeypatch):
+def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run(tiny_npz, tmp_path, monkeypatch,
+                                                                     stop_during_step):
     models = ["--models", "vmoe,e3-init"]
     assert cli.main(_args(tiny_npz, tmp_path / "whole", *models)) == 0
-    original = ensemble_job.lr_at
-
-    def counting_lr_at(*a):  # called once per training step
-        _StopAfter.steps += 1
-        return original(*a)
-
-    monkeypatch.setattr(ensemble_job, "StopRequest", _StopAfter)
-    monkeypatch.setattr(ensemble_job, "lr_at", counting_lr_at)
+    stop_during_step(5)
     # vmoe finishes its 4 steps; e3-init is stopped after 1 of its 2, with a checkpoint of 4 + 1 steps.
     assert cli.main(_args(tiny_npz, tmp_path / "cut", *models)) == 130
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step_00000005.pt"]

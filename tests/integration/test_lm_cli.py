@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from moekit.cli import build_parser, main
-from moekit.jobs.lm import PRESETS, command_line, config_from_args
-from moekit.jobs.lm_report import PAPER_TABLE6
+from moekit.jobs.lm.config import PRESETS, command_line, config_from_args
+from moekit.jobs.lm.report import PAPER_TABLE6
 from moekit.models.lstm_lm import LSTMLM, MODEL_NAMES
 
 torch.set_num_threads(1)

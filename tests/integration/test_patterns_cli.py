@@ -5,8 +5,8 @@ import json
 import pytest
 
 from moekit import cli
-from moekit.patterns import job as patterns_job
-from moekit.patterns.data import synthetic_examples, write_jsonl
+from moekit.data.pairs import synthetic_examples, write_jsonl
+from moekit.jobs.patterns import job as patterns_job
 
 MODELS = "spmoe,beam,sampling,hmoe"
 
@@ -80,21 +80,22 @@ def test_bad_options_are_refused(tmp_path, data, capsys):
 def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(tmp_path, data, monkeypatch):
     ref = tmp_path / "ref"
     assert _run(ref, data) == 0
-    # Interrupt the second network (spmoe) at its 15th step: its checkpoint at step 10 survives.
-    real_step, calls = patterns_job.train_step, {"n": 0}
+    # Kill the second network (spmoe) at its 15th step, with no checkpoint on the way out: its
+    # checkpoint at step 10 survives. The batch sampler is called once per training step.
+    real_batch, calls = patterns_job.random_batch, {"n": 0}
 
-    def flaky(net, *args, **kwargs):
+    def flaky(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 20 + 15:
             raise KeyboardInterrupt
-        return real_step(net, *args, **kwargs)
+        return real_batch(*args, **kwargs)
 
-    monkeypatch.setattr(patterns_job, "train_step", flaky)
+    monkeypatch.setattr(patterns_job, "random_batch", flaky)
     out = tmp_path / "run"
     assert _run(out, data) == 130
     assert not (out / "metrics.json").exists()
     assert _run(out, data) == 2  # an unfinished run is not thrown away without --resume or --force
-    monkeypatch.setattr(patterns_job, "train_step", real_step)
+    monkeypatch.setattr(patterns_job, "random_batch", real_batch)
     assert _run(out, data, "--resume") == 0
     a, b = json.loads((ref / "metrics.json").read_text()), json.loads((out / "metrics.json").read_text())
     for model in MODELS.split(","):

@@ -1,17 +1,16 @@
-"""Data sources and batching: real corpora read offline, plus token-stream batching."""
+"""Data sources and batching: real corpora read offline (the King James Bible, the World English
+Bible, Fashion-MNIST, any text, JSON-lines or .npz file), synthetic sets, one vocabulary, samplers."""
 
 from moekit.data.corpus import (
-    EOS,
     KJV_BOOKS,
     KJV_SPLIT,
-    UNK,
     Corpus,
     DataFileError,
     MissingDataError,
     Verse,
-    Vocab,
     eval_batches,
     kjv_corpus,
+    lm_batch,
     lm_batches,
     load_kjv,
     parse_bible_output,
@@ -19,11 +18,14 @@ from moekit.data.corpus import (
     text_file_corpus,
     tokenize,
 )
+from moekit.data.vocab import BOS, EOS, PAD, UNK, Vocab
 
 __all__ = [
+    "BOS",
     "EOS",
     "KJV_BOOKS",
     "KJV_SPLIT",
+    "PAD",
     "UNK",
     "Corpus",
     "DataFileError",
@@ -32,6 +34,7 @@ __all__ = [
     "Vocab",
     "eval_batches",
     "kjv_corpus",
+    "lm_batch",
     "lm_batches",
     "load_kjv",
     "parse_bible_output",

@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from moekit.data.vocab import EOS
 
 KJV_PACKAGE = "bible-kjv"
 KJV_PROGRAM = "bible"
@@ -46,8 +47,6 @@ KJV_SPLIT: dict[str, tuple[str, ...]] = {
 # Contiguous split of a generic text file, by token position: train first, then valid, then test.
 TEXT_SPLIT_FRACTIONS: dict[str, float] = {"train": 0.9, "valid": 0.05, "test": 0.05}
 
-UNK = "<unk>"
-EOS = "<eos>"
 
 _HEADER_RE = re.compile(r"^(?P<book>\S(?:.*\S)?) (?P<chapter>\d+)$")
 _VERSE_RE = re.compile(r"^\s+(?P<verse>\d+) (?P<text>.*)$")
@@ -206,72 +205,30 @@ def _stream(lines: Iterable[str]) -> list[str]:
     return out
 
 
-class Vocab:
-    """Token <-> id map: ``<unk>`` = 0, ``<eos>`` = 1, then tokens by falling frequency.
+def lm_batch(ids_N: torch.Tensor, batch_size: int, seq_len: int, seed: int, step: int,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random LM batch number ``step``: ``(inputs_BS, targets_BS)``, the targets shifted by one token.
 
-    Ties are broken alphabetically, so the vocabulary depends only on the token counts.
+    The windows start at random positions drawn from a generator seeded by ``(seed, step)`` alone,
+    so a batch is reproducible from its step number: a resumed run sees the batches an
+    uninterrupted run would have seen.
     """
-
-    def __init__(self, tokens: Sequence[str]):
-        if list(tokens[:2]) != [UNK, EOS] or len(set(tokens)) != len(tokens):
-            raise ValueError("vocab tokens must start with <unk>, <eos> and be unique")
-        self.itos = list(tokens)
-        self.stoi = {t: i for i, t in enumerate(self.itos)}
-
-    @classmethod
-    def build(cls, tokens: Iterable[str], max_size: int) -> Vocab:
-        if max_size < 2:
-            raise ValueError(f"max_size={max_size} leaves no room for <unk> and <eos>")
-        counts = Counter(tokens)
-        counts.pop(UNK, None)
-        counts.pop(EOS, None)
-        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        return cls([UNK, EOS] + [t for t, _ in ranked[: max_size - 2]])
-
-    def __len__(self) -> int:
-        return len(self.itos)
-
-    @property
-    def unk_id(self) -> int:
-        return 0
-
-    @property
-    def eos_id(self) -> int:
-        return 1
-
-    def encode(self, tokens: Iterable[str]) -> torch.Tensor:
-        """Token ids as a long tensor [N]; unknown tokens map to ``<unk>``."""
-        get = self.stoi.get
-        return torch.tensor([get(t, 0) for t in tokens], dtype=torch.long)
-
-    def decode(self, ids: Iterable[int]) -> list[str]:
-        return [self.itos[int(i)] for i in ids]
-
-    def to_list(self) -> list[str]:
-        return list(self.itos)
+    n_windows = ids_N.numel() - seq_len
+    if n_windows < 1:
+        raise ValueError(f"token stream of {ids_N.numel()} tokens is too short for seq_len={seq_len}")
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts_B = torch.randint(0, n_windows, (batch_size,), generator=gen)
+    window_BS1 = ids_N[starts_B[:, None] + torch.arange(seq_len + 1)]
+    return window_BS1[:, :-1], window_BS1[:, 1:]
 
 
 def lm_batches(
     ids_N: torch.Tensor, batch_size: int, seq_len: int, seed: int, start_step: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless random LM batches ``(inputs_BS, targets_BS)``, targets shifted by one token.
-
-    Batch number ``i`` depends only on ``(seed, i)``, so a run resumed at ``start_step``
-    sees exactly the batches an uninterrupted run would have seen.
-    """
-    n_windows = ids_N.numel() - seq_len
-    if n_windows < 1:
-        raise ValueError(f"token stream of {ids_N.numel()} tokens is too short for seq_len={seq_len}")
-    offsets_S1 = torch.arange(seq_len + 1)
+    """Endless ``lm_batch``es from number ``start_step`` on."""
     step = start_step
-    gen = torch.Generator()
     while True:
-        # Mixing the step into the seed (rather than advancing one generator) is what makes a
-        # batch reproducible from its step number alone.
-        gen.manual_seed(seed * 1_000_003 + step)
-        starts_B = torch.randint(0, n_windows, (batch_size,), generator=gen)
-        window_BS1 = ids_N[starts_B[:, None] + offsets_S1]
-        yield window_BS1[:, :-1], window_BS1[:, 1:]
+        yield lm_batch(ids_N, batch_size, seq_len, seed, step)
         step += 1
 
 

@@ -37,7 +37,7 @@ def choose_compute(backend: str, x_ND: torch.Tensor, counts: list[int]) -> tuple
     """The backend to use for segments of sizes ``counts``, and for "bmm" its padded layout.
 
     "auto" stands for grouped_mm where supported; else bmm over padded groups of experts (see
-    ``moekit.grouped``) unless that computes more than ``MAX_PADDING_WASTE`` times the real rows
+    ``moekit.experts.grouped``) unless that computes more than ``MAX_PADDING_WASTE`` times the real rows
     (tiny batches: fewer than 2 rows per expert on average go straight to the loop); else loop.
     Off the CPU the padded layout is one group: a kernel launch per group would cost more there
     than the padding saves.

@@ -12,12 +12,15 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from moekit.train.checkpoint import atomic_write
 
-def _save(fig: Figure, path: str | Path) -> Path:
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out ``fig`` and write it as a PNG, atomically (a reader never sees half an image)."""
     path = Path(path)
     FigureCanvasAgg(fig)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     return path
 
 
@@ -56,7 +59,7 @@ def plot_loss_curves(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_expert_load(
@@ -80,4 +83,4 @@ def plot_expert_load(
     ax.set_ylabel("share")
     ax.set_title(title)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,12 +1,10 @@
 """The LSTM-MoE language model: compute matching, the paper's parameter counts, masking, gradients."""
 
-import math
 
 import pytest
 import torch
 
 import moekit
-from moekit.jobs.lm_train import lr_at, padded_batches
 from moekit.models.lstm_lm import (
     LSTMLM,
     MODEL_NAMES,
@@ -122,34 +120,3 @@ def test_padding_changes_neither_real_outputs_nor_routing_stats(name):
     torch.testing.assert_close(padded.stats.importance, short.stats.importance)
     torch.testing.assert_close(padded.stats.load, short.stats.load)
     assert torch.equal(padded.stats.counts, short.stats.counts)
-
-
-def test_learning_rate_warms_up_then_decays_as_inverse_sqrt():
-    assert lr_at(1, 1e-3, 100) == pytest.approx(1e-5)
-    assert lr_at(50, 1e-3, 100) == pytest.approx(5e-4)
-    assert lr_at(100, 1e-3, 100) == pytest.approx(1e-3)
-    assert lr_at(400, 1e-3, 100) == pytest.approx(5e-4)  # sqrt(100/400) = 1/2
-    assert lr_at(1, 1e-3, 1) == 1e-3
-
-
-def test_padded_batches_pad_on_the_right_and_mark_real_tokens():
-    x = torch.arange(6).view(2, 3)
-    y = x + 10
-    [(x_BS, y_BS, mask_BS)] = list(padded_batches([(x, y)], batch_size=3, seq_len=4))
-    assert x_BS.shape == y_BS.shape == mask_BS.shape == (3, 4)
-    assert torch.equal(x_BS[:2, :3], x) and torch.equal(y_BS[:2, :3], y)
-    assert mask_BS.sum().item() == 6 and mask_BS[:2, :3].all() and not mask_BS[2].any()
-
-
-def test_perplexity_of_an_untrained_model_is_near_the_vocabulary_size():
-    # Zero-initialised head: uniform predictions, so perplexity = V exactly.
-    from moekit.jobs.lm_train import evaluate
-
-    model = LSTMLM(LSTMLMConfig("moe-4", vocab_size=40, dim=8))
-    torch.nn.init.zeros_(model.head.weight)
-    torch.nn.init.zeros_(model.head.bias)
-    ev = evaluate(model, torch.randint(0, 40, (50,)), batch_size=4, seq_len=6, device=torch.device("cpu"))
-    assert ev.nll_N.shape == (49,)
-    assert ev.ppl == pytest.approx(40.0)
-    assert ev.importance_E.sum().item() == pytest.approx(49.0)  # gates of each real token sum to 1
-    assert ev.load_E.sum().item() == 49 * 4 and math.isfinite(ev.ppl)

@@ -1,0 +1,194 @@
+"""Benchmark moekit's MoE layer against the dense-FLOPs limit and the baselines, side by side.
+
+Run: ``moekit bench [--json FILE]`` or ``python -m moekit.bench.layer``. Prints a Markdown table;
+with ``--json`` writes the raw timings. Ratios only: efficiency = t(limit) / t(moekit) where the
+limit is a dense FFN applied to T*k tokens (the same active FLOPs); speedup(b) = t(b) / t(moekit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+import moekit
+from moekit.bench.baselines import DenseFFN, MaskedLoopMoE, NonzeroSplitMoE, OneHotEinsumMoE
+from moekit.bench.timing import machine_tag, peak_memory, results_path, time_interleaved, write_json
+from moekit.memory import keep_freed_memory
+
+BASELINES = {"masked_loop": MaskedLoopMoE, "onehot_einsum": OneHotEinsumMoE, "nonzero_split": NonzeroSplitMoE}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured configuration."""
+
+    tokens: int = 8192
+    dim: int = 512
+    hidden: int = 1024
+    experts: int = 32
+    k: int = 4
+    dtype: str = "float32"
+    backward: bool = True
+    router: str = "noisy_topk"
+    capacity_factor: float | None = None
+    baselines: tuple[str, ...] = ()
+    memory: bool = False
+    compile: bool = False  # also time torch.compile(moe)
+
+    @property
+    def name(self) -> str:
+        mode = "fwd+bwd" if self.backward else "fwd"
+        cap = "dropless" if self.capacity_factor is None else f"cf={self.capacity_factor}"
+        return (f"T={self.tokens} E={self.experts} k={self.k} {self.dtype} {mode} {self.router} {cap}")
+
+
+def default_cases(quick: bool) -> list[Case]:
+    if quick:
+        base = Case(tokens=64, dim=16, hidden=32, experts=4, k=2)
+        return [replace(base, baselines=tuple(BASELINES), memory=True), replace(base, experts=8),
+                replace(base, experts=8, capacity_factor=1.25, router="topk")]
+    head = Case(baselines=tuple(BASELINES), memory=True, compile=True)
+    cases = [replace(head, experts=e) for e in (4, 32, 256)]
+    e32 = Case(experts=32)
+    cases += [replace(e32, dtype="bfloat16"), replace(e32, router="topk"), replace(e32, capacity_factor=1.25),
+              replace(e32, backward=False), replace(e32, k=2), replace(e32, experts=256, k=2)]
+    small = Case(tokens=16, backward=False, baselines=tuple(BASELINES))
+    cases += [replace(small, experts=e) for e in (32, 256)]
+    return cases
+
+
+def _build(case: Case, device: str):
+    dtype = getattr(torch, case.dtype)
+    moe = moekit.MoE(case.dim, case.experts, case.k, case.hidden, router=case.router,
+                     capacity_factor=case.capacity_factor, device=device, dtype=dtype)
+    models = {"moekit": moe, "limit": DenseFFN(case.dim, case.hidden, dtype=dtype).to(device)}
+    if case.compile:
+        models["compiled"] = torch.compile(moe)
+    for name in case.baselines:
+        models[name] = BASELINES[name](case.dim, case.experts, case.k, case.hidden, dtype=dtype).to(device)
+    x = torch.randn(case.tokens, case.dim, dtype=dtype, device=device)
+    x_limit = torch.randn(case.tokens * case.k, case.dim, dtype=dtype, device=device)
+    return models, x, x_limit
+
+
+def _step(model, x, backward: bool):
+    params = [p for p in model.parameters()]
+    x = x.detach().requires_grad_(backward)
+
+    def run():
+        for p in params:
+            p.grad = None  # optimizer.zero_grad(set_to_none=True): every step allocates fresh grads
+        if not backward:
+            with torch.no_grad():
+                return model(x)
+        out = model(x)
+        if isinstance(out, moekit.MoEOutput):
+            loss = out.y.float().sum() + out.aux_loss
+        else:
+            loss = out.float().sum()
+        loss.backward()
+
+    return run
+
+
+def run_case(case: Case, device: str, repeats: int) -> dict:
+    models, x, x_limit = _build(case, device)
+    for m in models.values():
+        m.train(case.backward)
+    fns = {name: _step(m, x_limit if name == "limit" else x, case.backward) for name, m in models.items()}
+    timings = time_interleaved(fns, repeats=repeats, warmup=2, device=device, budget_s=20.0)
+    t = {name: r["median_s"] for name, r in timings.items()}
+    row = {"case": asdict(case), "name": case.name, "median_s": t,
+           "samples": {n: r["samples"] for n, r in timings.items()},
+           "times_s": {n: r["times_s"] for n, r in timings.items()},
+           "efficiency": t["limit"] / t["moekit"],
+           "speedup": {b: t[b] / t["moekit"] for b in case.baselines}}
+    if case.compile:
+        row["compile_speedup"] = t["moekit"] / t["compiled"]
+    if case.memory:
+        mem = {n: peak_memory(fns[n], device) for n in ("moekit", "limit")}
+        row["peak_memory_bytes"] = mem
+        row["memory_vs_limit"] = mem["moekit"] / mem["limit"] if mem["limit"] else None
+    return row
+
+
+def scaling(rows: list[dict]) -> dict:
+    """t(E=max)/t(E=min) among the rows that differ from the first only in the number of experts."""
+    def key(r):
+        return {**r["case"], "experts": None, "baselines": None, "memory": None}
+
+    same = [r for r in rows if key(r) == key(rows[0])] if rows else []
+    if len(same) < 2:
+        return {}
+    lo = min(same, key=lambda r: r["case"]["experts"])
+    hi = max(same, key=lambda r: r["case"]["experts"])
+    return {"experts": [lo["case"]["experts"], hi["case"]["experts"]],
+            "ratio": hi["median_s"]["moekit"] / lo["median_s"]["moekit"]}
+
+
+def markdown(rows: list[dict], scale: dict) -> str:
+    names = list(BASELINES)
+    lines = ["| configuration | moekit ms | efficiency (limit/moekit) | " + " | ".join(f"x vs {b}" for b in names)
+             + " | memory vs limit | torch.compile speedup |", "|---" * (5 + len(names)) + "|"]
+    for r in rows:
+        sp = [f"{r['speedup'][b]:.1f}x" if b in r["speedup"] else "" for b in names]
+        mem = r.get("memory_vs_limit")
+        lines.append(f"| {r['name']} | {1e3 * r['median_s']['moekit']:.1f} | {r['efficiency']:.2f} | "
+                     + " | ".join(sp) + f" | {'' if mem is None else f'{mem:.2f}'} | "
+                     + (f"{r['compile_speedup']:.2f}x |" if "compile_speedup" in r else " |"))
+    if scale:
+        lo, hi = scale["experts"]
+        lines.append(f"\nScaling: t(E={hi}) / t(E={lo}) = {scale['ratio']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="moekit bench", description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path,
+                   help="write raw results here (default: benchmarks/results/<tag>.json under the current directory)")
+    p.add_argument("--markdown", type=Path, help="also write the table to this file")
+    p.add_argument("--no-save", action="store_true", help="do not write a results file")
+    p.add_argument("--quick", action="store_true", help="tiny shapes: checks the benchmark runs, measures nothing")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--only", help="run only cases whose name contains this text")
+    p.add_argument("--no-baselines", action="store_true", help="time moekit against the limit only")
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep: glibc keeps freed memory for every candidate (moekit.memory.keep_freed_memory), "
+                        "as jemalloc/tcmalloc do; default: glibc as configured, fresh pages every step")
+    args = p.parse_args(argv)
+    kept = args.malloc == "keep" and keep_freed_memory()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cases = [c for c in default_cases(args.quick) if not args.only or args.only in c.name]
+    if args.no_baselines:
+        cases = [replace(c, baselines=(), memory=False, compile=False) for c in cases]
+    if args.device.startswith("cuda"):
+        cases = [replace(c, dtype="bfloat16") if c.dtype == "float32" else c for c in cases]
+    rows = []
+    for case in cases:
+        rows.append(run_case(case, args.device, 1 if args.quick else args.repeats))
+        print(f"  {case.name}: efficiency {rows[-1]['efficiency']:.2f}", file=sys.stderr, flush=True)
+    scale = scaling(rows)
+    tag = {**machine_tag(args.device), "malloc": "keep" if kept else "default"}
+    table = markdown(rows, scale)
+    print(table)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(f"{table}\n\n{json.dumps(tag)}\n")
+    if not args.no_save:
+        path = args.json or results_path(Path("benchmarks") / "results", "layer" if kept else "layer-malloc-default",
+                                         tag)
+        write_json(path, {"tag": tag, "rows": rows, "scaling": scale})
+        print(f"\nresults: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

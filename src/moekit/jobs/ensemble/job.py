@@ -1,0 +1,245 @@
+"""``moekit ensemble``: dense ViT vs V-MoE vs E^3 vs a deep ensemble of V-MoEs, with uncertainty metrics.
+
+Legend: N examples, C classes, M ensemble members, E experts, K experts per token.
+
+The runs each model needs (``moekit.jobs.ensemble.config``) are trained one after the other, each
+evaluated as soon as it is trained, as the runs of one session (``moekit.train.session``): its
+checkpoints hold the run in progress plus the weights and test predictions of every finished run,
+so ``--resume`` continues where the last checkpoint left off.
+
+Under torchrun with ``--expert-parallel`` every run is trained on all ranks: the V-MoE and E^3
+runs with their experts sharded, the dense ViT data-parallel (``moekit.train.strategy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moekit.data.images import ImageSplits, load_fashion_mnist, load_npz
+from moekit.data.sampling import epoch_batch
+from moekit.ensemble import init_e3_from_vmoe
+from moekit.jobs.ensemble import report
+from moekit.jobs.ensemble.config import (
+    MODELS,
+    EnsembleConfig,
+    RunSpec,
+    add_args,
+    config_from_args,
+    plan_runs,
+)
+from moekit.metrics.flops import routed_flops_per_example
+from moekit.models.vit_moe import ViTConfig, ViTMoE, VMoEConfig
+from moekit.train.loop import LoopConfig, StepOutput, TrainState, train
+from moekit.train.outdir import ConfigError, prepare_out_dir
+from moekit.train.runtime import environment, log
+from moekit.train.schedules import warmup_cosine
+from moekit.train.session import Session
+from moekit.train.strategy import SINGLE_PROCESS, SingleProcess, from_args
+
+__all__ = ["MODELS", "EnsembleConfig", "add_args", "config_from_args", "plan_runs", "run"]
+
+CLIP = 1.0  # gradient-norm clipping of every run
+
+
+def build_model(cfg: EnsembleConfig, kind: str, data: ImageSplits, device) -> ViTMoE:
+    channels, height, width = data.image_shape
+    patch = max(p for p in range(1, cfg.patch_size + 1) if height % p == 0 and width % p == 0)
+    vit = ViTConfig((height, width), patch, channels, data.num_classes, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_dim)
+    if kind == "dense":
+        return ViTMoE(vit, None, device=device)
+    moe = VMoEConfig(num_experts=cfg.num_experts, k=cfg.k, layout="last_n", last_n=2,
+                     capacity_factor=cfg.capacity_factor, ensemble_size=cfg.ensemble_size if kind == "e3" else None)
+    return ViTMoE(vit, moe, device=device)
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """Standardised image tensors on the training device."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    x_ood: torch.Tensor | None
+
+
+def load_data(cfg: EnsembleConfig) -> ImageSplits:
+    data = load_npz(cfg.data) if cfg.data else load_fashion_mnist()
+    rng = np.random.default_rng(0)
+    take_train = _subset(rng, len(data.x_train), cfg.train_examples)
+    take_test = _subset(rng, len(data.x_test), cfg.test_examples)
+    return dataclasses.replace(data, x_train=data.x_train[take_train], y_train=data.y_train[take_train],
+                               x_test=data.x_test[take_test], y_test=data.y_test[take_test])
+
+
+def _subset(rng: np.random.Generator, n: int, size: int | None) -> np.ndarray:
+    return np.arange(n) if size is None or size >= n else np.sort(rng.permutation(n)[:size])
+
+
+def to_tensors(data: ImageSplits, device) -> Tensors:
+    # Per-channel standardisation with the training set's statistics, applied to every set.
+    mean = data.x_train.mean(axis=(0, 2, 3), keepdims=True)
+    std = data.x_train.std(axis=(0, 2, 3), keepdims=True) + 1e-6
+
+    def prep(x):
+        return None if x is None else torch.from_numpy((x - mean) / std).float().to(device)
+
+    return Tensors(prep(data.x_train), torch.from_numpy(data.y_train).to(device), prep(data.x_test),
+                   torch.from_numpy(data.y_test).to(device), prep(data.x_ood))
+
+
+def train_run(spec: RunSpec, model: ViTMoE, tensors: Tensors, cfg: EnsembleConfig, session: Session,
+              quiet: bool, par: SingleProcess = SINGLE_PROCESS) -> TrainState:
+    """Train ``model`` for ``spec.steps`` (from where the session's checkpoint left it, if it holds this run).
+
+    Under expert parallelism (``par``) each rank trains on its rows of every batch; all stop on the same step.
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=cfg.weight_decay)
+    state = session.start(spec.name, model, opt)
+    n = len(tensors.x_train)
+
+    def step(i: int) -> StepOutput:
+        idx = par.shard(epoch_batch(i, cfg.batch_size, n, spec.seed)).to(tensors.x_train.device)
+        # The mean over this rank's images; equal shards make the mean over ranks the global mean.
+        loss, out = model.loss(tensors.x_train[idx], tensors.y_train[idx])
+        return StepOutput(loss, {"loss": par.mean((loss - out.aux_loss).detach()).item()})
+
+    warmup = min(cfg.warmup_steps, max(1, spec.steps // 10))
+    return train(model, opt, state, LoopConfig(spec.steps, cfg.checkpoint_every, clip=CLIP), step,
+                 lambda s: session.save(spec.name, s, model, opt), desc=spec.name, quiet=quiet,
+                 lr=warmup_cosine(spec.lr, spec.steps, warmup), strategy=par)
+
+
+@torch.no_grad()
+def predict(model: ViTMoE, x: torch.Tensor | None, batch_size: int,
+            par: SingleProcess = SINGLE_PROCESS) -> torch.Tensor | None:
+    """[N, M, C] float32 member probabilities on CPU, in eval mode (M = 1 for a single model).
+
+    Under expert parallelism each rank computes its rows of every batch and every rank gets them all.
+    """
+    if x is None:
+        return None
+    model.eval()
+    return torch.cat([par.gather(model.member_probs(par.split(x[i:i + batch_size]))).cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+def evaluate_run(spec: RunSpec, model: ViTMoE, tensors: Tensors, cfg: EnsembleConfig, trained: TrainState,
+                 params: int, par: SingleProcess = SINGLE_PROCESS,
+                 local_model: Callable[[], ViTMoE] | None = None) -> dict[str, Any]:
+    """Everything the report needs from a finished run, as checkpointable plain data.
+
+    ``params`` counts the whole model (before its experts were sharded). Under expert parallelism
+    the FLOPs are counted on rank 0 in ``local_model()``, a single-process copy.
+    """
+    model.eval()
+    state = {k: v.cpu() for k, v in par.state_dicts(model, None)[0].items()}
+    x_flops = tensors.x_test[: min(len(tensors.x_test), cfg.eval_batch_size)]
+    if not par.distributed:
+        flops = routed_flops_per_example(model, x_flops)
+    else:
+        def count() -> float:
+            assert local_model is not None, "expert-parallel FLOPs need a single-process copy"
+            local = local_model()
+            local.load_state_dict(state)
+            return routed_flops_per_example(local.eval(), x_flops)
+
+        flops = par.main_only(count)
+    return {"spec": dataclasses.asdict(spec), "steps": spec.steps, "seconds": trained.elapsed_s,
+            "losses": torch.tensor(trained.history.get("loss", [])), "params": params,
+            "flops_per_example": flops, "member_probs": predict(model, tensors.x_test, cfg.eval_batch_size, par),
+            "ood_member_probs": predict(model, tensors.x_ood, cfg.eval_batch_size, par),
+            "model": state}
+
+
+def run_all(cfg: EnsembleConfig, data: ImageSplits, tensors: Tensors, device: torch.device, session: Session,
+            quiet: bool, par: SingleProcess = SINGLE_PROCESS) -> None:
+    """Train and evaluate every planned run not finished yet."""
+    for spec in plan_runs(cfg):
+        if spec.name in session.finished:
+            continue
+        torch.manual_seed(spec.seed)
+        model = build_model(cfg, spec.kind, data, device)
+        params = sum(p.numel() for p in model.parameters())  # counted before the experts are sharded
+        if spec.init_from is not None and session.pending_run != spec.name:
+            init_e3_from_vmoe(model, session.finished[spec.init_from]["model"])
+        model = par.prepare(model, {"job": dataclasses.asdict(cfg), "run": spec.name})
+        state = train_run(spec, model, tensors, cfg, session, quiet, par)
+        result = evaluate_run(spec, model, tensors, cfg, state, params, par,
+                              lambda kind=spec.kind: _local_copy(cfg, kind, data, device))
+        session.finish(spec.name, state, result)
+
+
+def _local_copy(cfg: EnsembleConfig, kind: str, data: ImageSplits, device) -> ViTMoE:
+    """A fresh single-process model, built without moving the random generators: only rank 0
+    builds it, and the ranks' generators must stay in step."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return build_model(cfg, kind, data, device)
+
+
+def check_parallel(cfg: EnsembleConfig, par: SingleProcess) -> None:
+    """``ConfigError`` unless the batch and (when an MoE model is trained) the experts split over the ranks."""
+    par.check_divisible("batch_size", cfg.batch_size)
+    if any(model != "dense" for model in cfg.models):
+        par.check_divisible("num_experts", cfg.num_experts)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ensemble job: train (or resume) every run, evaluate, write the out directory, print the table."""
+    cfg = config_from_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    par, device = from_args(args)
+    try:
+        return _run(args, cfg, par, device)
+    finally:
+        par.close()
+
+
+def _run(args: argparse.Namespace, cfg: EnsembleConfig, par: SingleProcess, device: torch.device) -> int:
+    """``run`` once the ranks (if any) have started; every rank calls this, rank 0 alone writes."""
+    quiet = args.quiet or not par.is_main
+    check_parallel(cfg, par)
+    data = load_data(cfg)
+    try:
+        build_model(cfg, "e3", data, "meta")  # fail on a bad configuration before touching --out
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if data.x_ood is None:
+        log(quiet, f"{data.source} has no x_ood: OOD metrics are left out")
+    out = Path(args.out)
+
+    def prepare() -> Path | None:
+        resume_from = prepare_out_dir(out, dataclasses.asdict(cfg), resume=args.resume, force=args.force)
+        if resume_from is None:  # a fresh start: no output of an earlier run may survive next to the new ones
+            for pattern in ("predictions_*.npz", "reliability_*.png", "flops_vs_nll.png"):
+                for path in out.glob(pattern):
+                    path.unlink()
+        return resume_from
+
+    resume_from = par.main_only(prepare)
+    session = Session(out, strategy=par)
+    if resume_from is not None:
+        session.restore(resume_from)
+        log(quiet, f"resuming from {resume_from} ({len(session.finished)} run(s) finished)")
+    tensors = to_tensors(data, device)
+    run_all(cfg, data, tensors, device, session, quiet, par)
+    env = environment(par.describe(device))
+    vit = dataclasses.asdict(build_model(cfg, "dense", data, "meta").vit)  # the patch size actually used
+    metrics = par.main_only(lambda: report.write_outputs(out, cfg, data, session.finished, env, vit))
+    if par.is_main:
+        print(report.metrics_table(metrics))
+        print(f"results in {out}")
+    return 0

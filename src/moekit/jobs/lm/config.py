@@ -1,0 +1,162 @@
+"""``moekit lm``'s configuration: presets, options, validation, and the command that reproduces a run."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from moekit.models.lstm_lm import MODEL_NAMES, LSTMLMConfig
+from moekit.train.outdir import ConfigError
+from moekit.train.strategy import add_parallel_arg
+
+# The (w_importance, w_load) grid of the paper's Table 6.
+ABLATION_GRID: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.2, 0.0), (0.0, 0.2), (0.1, 0.1), (0.01, 0.01),
+                                                   (1.0, 1.0))
+
+# Settings a preset fills in; an option given on the command line wins. cpu-small runs all seven
+# models in about 10 minutes on one thread of a shared 2-core machine (5.5 min of CPU time); it was
+# chosen among the settings compared in docs/results/lm/README.md. paper is the paper's width with a
+# schedule meant for one GPU (not measured here).
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-small": {"dim": 64, "vocab_size": 4000, "steps": 1000, "batch_size": 32, "seq_len": 32, "lr": 3e-3,
+                  "warmup": 50, "dropout": 0.0, "eval_every": 100, "eval_tokens": 5000, "checkpoint_every": 200},
+    "paper": {"dim": 512, "vocab_size": 16000, "steps": 10000, "batch_size": 128, "seq_len": 32, "lr": 1e-3,
+              "warmup": 1000, "dropout": 0.1, "eval_every": 500, "eval_tokens": 20000, "checkpoint_every": 1000},
+}
+
+
+@dataclass(frozen=True)
+class LMJobConfig:
+    """Everything that determines the result of a run (saved as config.json)."""
+
+    models: tuple[str, ...]
+    ablation: bool
+    preset: str
+    dim: int
+    k: int
+    dropout: float
+    vocab_size: int
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    warmup: int
+    clip: float
+    w_importance: float
+    w_load: float
+    eval_every: int
+    eval_tokens: int
+    checkpoint_every: int
+    seed: int
+    data: str | None
+
+    def model_config(self, trial: Trial, vocab_size: int) -> LSTMLMConfig:
+        return LSTMLMConfig(trial.model, vocab_size, dim=self.dim, k=self.k, dropout=self.dropout,
+                            w_importance=trial.w_importance, w_load=trial.w_load)
+
+    def trials(self) -> list[Trial]:
+        if not self.ablation:
+            return [Trial(m, m, self.w_importance, self.w_load) for m in self.models]
+        return [Trial(f"{m}_wimp{wi:g}_wload{wl:g}", m, wi, wl) for m in self.models for wi, wl in ABLATION_GRID]
+
+
+class Trial(NamedTuple):
+    """One model to train: ``label`` names it in the outputs."""
+
+    label: str
+    model: str
+    w_importance: float
+    w_load: float
+
+
+_OPTIONS: dict[str, tuple[type, str]] = {
+    "dim": (int, "model width D (expert hidden 2*D)"),
+    "k": (int, "experts per token of the flat MoEs (hierarchical: sqrt(k) per level)"),
+    "dropout": (float, "dropout on every layer's output"),
+    "vocab_size": (int, "vocabulary cap, <unk> and <eos> included"),
+    "steps": (int, "training steps per model"),
+    "batch_size": (int, "sequences per batch"),
+    "seq_len": (int, "tokens per sequence"),
+    "lr": (float, "Adam's peak learning rate"),
+    "warmup": (int, "linear warm-up steps, then 1/sqrt(step) decay"),
+    "clip": (float, "gradient-norm clipping threshold"),
+    "w_importance": (float, "coefficient of the importance loss (--ablation varies it)"),
+    "w_load": (float, "coefficient of the load loss (--ablation varies it)"),
+    "eval_every": (int, "validate every this many steps"),
+    "eval_tokens": (int, "validation tokens per evaluation during training (the final one uses all)"),
+    "checkpoint_every": (int, "checkpoint every this many steps"),
+}
+_FIXED_DEFAULTS = {"k": 4, "clip": 1.0, "w_importance": 0.1, "w_load": 0.1}
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """The job's own options (``--out --seed --quiet --resume --force --device`` are common ones)."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
+                        help="default sizes and schedule (default: cpu-small); options given here win")
+    parser.add_argument("--models", metavar="M1,M2,...",
+                        help=f"comma-separated models (default: {','.join(MODEL_NAMES)}; with --ablation: moe-32)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="train the models once per (w_importance, w_load) of the paper's Table 6")
+    parser.add_argument("--data", metavar="FILE", help="UTF-8 text file to use instead of the King James Bible")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads (default: torch's choice); not part of the run's configuration")
+    add_parallel_arg(parser, "lm", "N must divide --batch-size and the experts of every MoE model of --models; "
+                                   "every model of the run is trained this way (dense ones data-parallel).")
+    for name, (kind, text) in _OPTIONS.items():
+        default = _FIXED_DEFAULTS.get(name)
+        shown = f"default: {default}" if default is not None else "default: from --preset"
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text} ({shown})")
+
+
+def config_from_args(args: argparse.Namespace) -> LMJobConfig:
+    """Preset values, overridden by the options given; ``ConfigError`` names a bad value."""
+    values: dict[str, Any] = {**_FIXED_DEFAULTS, **PRESETS[args.preset]}
+    values.update({name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None})
+    if args.models:
+        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    else:
+        models = ("moe-32",) if args.ablation else MODEL_NAMES
+    cfg = LMJobConfig(models=models, ablation=args.ablation, preset=args.preset, seed=args.seed,
+                      data=args.data, **values)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: LMJobConfig) -> None:
+    if not cfg.models:
+        raise ConfigError("--models is empty")
+    if len(set(cfg.models)) != len(cfg.models):
+        raise ConfigError(f"--models lists a model twice: {','.join(cfg.models)}")
+    for name in ("dim", "k", "vocab_size", "steps", "batch_size", "seq_len", "warmup", "eval_every",
+                 "eval_tokens", "checkpoint_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 1")
+    for name in ("lr", "clip"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be > 0")
+    for name in ("w_importance", "w_load"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 0")
+    for trial in cfg.trials():
+        try:
+            cfg.model_config(trial, cfg.vocab_size).check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+
+def command_line(cfg: LMJobConfig) -> str | None:
+    """The ``moekit lm`` command that reproduces ``cfg`` (None for a configuration no preset starts from)."""
+    if cfg.preset not in PRESETS:
+        return None
+    defaults = {**_FIXED_DEFAULTS, **PRESETS[cfg.preset]}
+    words = ["moekit", "lm", "--preset", cfg.preset, "--models", ",".join(cfg.models)]
+    words += ["--ablation"] if cfg.ablation else []
+    words += ["--seed", str(cfg.seed)] if cfg.seed else []
+    words += ["--data", cfg.data] if cfg.data else []
+    for name in _OPTIONS:
+        if getattr(cfg, name) != defaults[name]:
+            words += [f"--{name.replace('_', '-')}", f"{getattr(cfg, name):g}"]
+    return " ".join(words)
+
+

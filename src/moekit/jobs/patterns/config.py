@@ -1,0 +1,137 @@
+"""``moekit patterns``'s configuration: presets (sizes and schedule), options and validation."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from moekit.models.spmoe import SPMoEConfig
+from moekit.train.outdir import ConfigError
+
+SYNTHETIC = "synthetic"
+
+MODELS = ("spmoe", "beam", "sampling", "hmoe")
+# Which trained network serves each model of --models.
+NETWORK_OF = {"spmoe": "spmoe", "beam": "single", "sampling": "single", "hmoe": "hmoe"}
+NETWORK_ORDER = ("single", "spmoe", "hmoe")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes and schedule of one run; every field is saved in config.json."""
+
+    dim: int
+    heads: int
+    layers: int
+    ffn_dim: int
+    dropout: float
+    batch_size: int
+    lr: float
+    warmup: int
+    steps: int
+    vocab_size: int
+    max_len: int
+    """Tokens kept per source and per target (longer ones are cut) and the decoding length limit."""
+    max_words: int | None
+    """KJV -> WEB only: keep verses of at most this many words on both sides."""
+    eval_sources: int
+    """Test inputs decoded and scored (spread evenly over the test set)."""
+    synthetic_examples: int
+    """Synthetic data only: sources generated (90% train, 10% test)."""
+    checkpoint_every: int
+
+
+PRESETS: dict[str, Preset] = {
+    # For tests and smoke runs: seconds.
+    "tiny": Preset(dim=32, heads=2, layers=1, ffn_dim=64, dropout=0.1, batch_size=8, lr=3e-3, warmup=5,
+                   steps=20, vocab_size=400, max_len=16, max_words=12, eval_sources=6, synthetic_examples=40,
+                   checkpoint_every=10),
+    # The synthetic set with K known patterns: a few minutes on one CPU thread.
+    "synthetic": Preset(dim=64, heads=4, layers=2, ffn_dim=256, dropout=0.1, batch_size=32, lr=3e-3, warmup=50,
+                        steps=2500, vocab_size=100, max_len=12, max_words=None, eval_sources=100,
+                        synthetic_examples=1000, checkpoint_every=250),
+    # KJV -> WEB, every model in about 15 minutes on one CPU thread.
+    "cpu-small": Preset(dim=128, heads=4, layers=2, ffn_dim=256, dropout=0.1, batch_size=32, lr=2e-3, warmup=100,
+                        steps=1000, vocab_size=4000, max_len=28, max_words=20, eval_sources=200,
+                        synthetic_examples=1000, checkpoint_every=200),
+    # KJV -> WEB on a GPU.
+    "gpu": Preset(dim=512, heads=8, layers=6, ffn_dim=2048, dropout=0.1, batch_size=128, lr=5e-4, warmup=1000,
+                  steps=30000, vocab_size=16000, max_len=64, max_words=None, eval_sources=1000,
+                  synthetic_examples=1000, checkpoint_every=1000),
+}
+
+
+@dataclass(frozen=True)
+class PatternsConfig:
+    """Everything that determines the result of a ``moekit patterns`` run (saved as config.json)."""
+
+    models: tuple[str, ...] = MODELS
+    patterns: int = 3
+    preset: str = "cpu-small"
+    data: str | None = None
+    """None: KJV -> WEB; "synthetic": the synthetic set; otherwise a JSON-lines file."""
+    seed: int = 0
+    beam: int = 4
+    """Beam of the beam baseline (at least K wide) and of each pattern's own search (1 = greedy)."""
+    spmoe: SPMoEConfig = field(default_factory=SPMoEConfig)
+    sizes: Preset = field(default_factory=lambda: PRESETS["cpu-small"])
+
+    def networks(self) -> list[str]:
+        wanted = {NETWORK_OF[m] for m in self.models}
+        return [n for n in NETWORK_ORDER if n in wanted]
+
+
+def make_config(models: Sequence[str], patterns: int, preset: str, data: str | None, seed: int, beam: int,
+                steps: int | None = None, head: str = "adapter") -> PatternsConfig:
+    """Validate the job's options; ``ValueError`` names the bad one."""
+    bad = [m for m in models if m not in MODELS]
+    if bad or not models:
+        raise ValueError(f"--models {','.join(models)!r}: choose from {', '.join(MODELS)}")
+    if preset not in PRESETS:
+        raise ValueError(f"--preset {preset!r} is not one of {sorted(PRESETS)}")
+    if patterns < 2:
+        raise ValueError(f"--patterns {patterns}: K must be >= 2 for several outputs per input")
+    if beam < 1:
+        raise ValueError(f"--beam {beam} must be >= 1")
+    sizes = PRESETS[preset]
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"--steps {steps} must be >= 1")
+        sizes = replace(sizes, steps=steps, warmup=min(sizes.warmup, max(1, steps // 10)))
+    spmoe = SPMoEConfig(patterns=patterns, head=head)
+    return PatternsConfig(tuple(dict.fromkeys(models)), patterns, preset, data, seed, beam, spmoe, sizes)
+
+
+def expert_token(i: int) -> str:
+    return f"<expert_{i}>"
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated models to compare, from {', '.join(MODELS)} (default: all)")
+    parser.add_argument("--patterns", type=int, default=3, metavar="K", help="outputs per input (default: 3)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per network (default: the preset's)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="sizes and schedule (default: cpu-small, or synthetic with --data synthetic)")
+    parser.add_argument("--beam", type=int, default=4,
+                        help="beam width of the beam baseline (at least K) and of each pattern's search (default: 4)")
+    parser.add_argument("--head", choices=("adapter", "full"), default="adapter",
+                        help="SPMoE pattern head: a D x D adapter before the shared projection, or a full "
+                             "output layer per pattern (default: adapter)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (default: 0 = torch's own choice)")
+    parser.add_argument("--data", metavar="FILE.jsonl", default=None,
+                        help='JSON lines {"source": str, "targets": [str, ...]}, or "synthetic" for the set '
+                             "with K known patterns (default: KJV -> World English Bible verse pairs)")
+
+
+def config_from_args(args: argparse.Namespace) -> PatternsConfig:
+    preset = args.preset or (SYNTHETIC if args.data == SYNTHETIC else "cpu-small")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    data = args.data if args.data in (None, SYNTHETIC) else str(Path(args.data))
+    try:
+        return make_config(models, args.patterns, preset, data, args.seed, args.beam, args.steps, args.head)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e

@@ -1,0 +1,267 @@
+"""How a training job runs: in one process, or on the ranks of a torchrun launch (``--expert-parallel``).
+
+The training loop (``moekit.train.loop``) and the session (``moekit.train.session``) call it.
+
+Legend: B rows of a global batch (sequences, images), b = B/W rows per rank, W ranks.
+
+The jobs call one interface, whichever of the two they hold:
+
+- ``SingleProcess``: everything is local; every method is the identity or torch's own function.
+- ``ExpertParallel``: one process per rank (gloo on CPU, NCCL on CUDA). Every rank builds the
+  same model from the same seed; ``prepare`` shards its experts (dense models stay data-parallel).
+  Each rank trains on its contiguous b rows of every global batch, so the union over ranks is the
+  batch one process would train on, and each rank's loss is the mean over its own rows: with equal
+  rows per rank, ``sync_gradients`` then leaves every gradient equal to the single-process
+  gradient of the mean over the global batch (see ``moekit.parallel.expert_parallel``). Router
+  noise is drawn for the whole batch (``moekit.shards.randn_rows``) and the ranks' generators stay
+  in step, so a run reproduces the single-process run of the same command up to rounding.
+
+Only rank 0 touches the out directory (``main_only``). Checkpoints hold full single-process state
+dicts, gathered from the ranks and written by rank 0 in the single-process format: a run resumes
+on any number of ranks, one process included, and checkpoints stay loadable with
+``weights_only=True``. Every rank reads the checkpoint it resumes from, so ``--out`` must be
+readable by all ranks (always true on one machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moekit.parallel.groups import TORCHRUN_VARS
+from moekit.train.checkpoint import capture_rng_state, restore_rng_state
+from moekit.train.outdir import ConfigError
+from moekit.train.runtime import resolve_device
+
+T = TypeVar("T")
+
+
+def add_parallel_arg(parser: argparse.ArgumentParser, job: str, limits: str) -> None:
+    """The ``--expert-parallel`` option of a training job; ``limits`` states what W must divide."""
+    parser.add_argument(
+        "--expert-parallel", action="store_true",
+        help=f"train on every rank of a torchrun launch: `torchrun --nproc_per_node=N -m moekit {job} ... "
+             "--expert-parallel`; experts sharded over the N ranks, everything else data-parallel; gloo on "
+             "cpu, NCCL on cuda (one GPU per rank); the batch size is the global batch, split over the ranks, "
+             f"and the results match a single-process run up to rounding. {limits}")
+
+
+def from_args(args: argparse.Namespace) -> tuple[SingleProcess | ExpertParallel, torch.device]:
+    """The job's way of running and its device: ``ExpertParallel`` when ``--expert-parallel`` was given.
+
+    Raises ``ConfigError`` for ``--expert-parallel`` outside torchrun, and for a launch of several
+    processes without it (they would each run the whole job into the same ``--out``).
+    """
+    if not args.expert_parallel:
+        world = os.environ.get("WORLD_SIZE")
+        if world is not None and world.isdigit() and int(world) > 1:
+            raise ConfigError(f"launched as {world} processes (WORLD_SIZE={world}) without --expert-parallel: "
+                              f"add --expert-parallel, or run `moekit {args.job} ...` without torchrun")
+        return SINGLE_PROCESS, resolve_device(args.device)
+    missing = [name for name in TORCHRUN_VARS if name not in os.environ]
+    if missing:
+        raise ConfigError(f"--expert-parallel needs the environment torchrun sets up (missing {', '.join(missing)}): "
+                          f"launch with `torchrun --nproc_per_node=N -m moekit {args.job} ... --expert-parallel`")
+    device = resolve_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available in this torch build or machine")
+    par = ExpertParallel.start(device, vars(args))
+    return par, par.device
+
+
+class SingleProcess:
+    """The whole job in this process."""
+
+    distributed = False
+    rank = 0
+    world_size = 1
+    is_main = True
+
+    def check_divisible(self, what: str, value: int) -> None:
+        pass
+
+    def prepare(self, model: nn.Module, config: dict[str, Any]) -> nn.Module:
+        return model
+
+    def shard(self, x_B: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch whose rows divide evenly."""
+        return x_B
+
+    def split(self, x_B: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of an evaluation batch (any number of rows; some ranks may get none)."""
+        return x_B
+
+    def gather(self, x_b: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows (``shard`` or ``split``), concatenated in rank order: the global batch."""
+        return x_b
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of a per-rank value (a loss over equal shards: the global loss)."""
+        return x
+
+    def any(self, flag: bool) -> bool:
+        """True when ``flag`` is true on some rank: the ranks stop on the same step."""
+        return flag
+
+    def clip_and_step(self, model: nn.Module, opt: torch.optim.Optimizer, max_norm: float | None) -> None:
+        """After ``backward``: clip the gradient norm to ``max_norm`` (None: no clipping) and step."""
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step()
+
+    def state_dicts(self, model: nn.Module, opt: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
+        """Single-process ``(model.state_dict(), opt.state_dict())``; every rank calls this."""
+        return model.state_dict(), None if opt is None else opt.state_dict()
+
+    def load_state_dicts(self, model: nn.Module, opt: torch.optim.Optimizer | None, model_state: dict,
+                         opt_state: dict | None) -> None:
+        """Load what ``state_dicts`` returned (on any number of ranks) into this rank's model."""
+        model.load_state_dict(model_state)
+        if opt is not None and opt_state is not None:
+            opt.load_state_dict(opt_state)
+
+    def capture_rng(self) -> dict[str, Any]:
+        return capture_rng_state()
+
+    def restore_rng(self, state: dict[str, Any]) -> None:
+        restore_rng_state(state)
+
+    def main_only(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on rank 0, its result (or its exception) on every rank."""
+        return fn()
+
+    def describe(self, device: torch.device) -> str:
+        """Where the job ran, for reports."""
+        return str(device)
+
+    def close(self) -> None:
+        pass
+
+
+SINGLE_PROCESS = SingleProcess()
+
+
+class ExpertParallel(SingleProcess):
+    """This process is one rank of a torchrun launch; see the module docstring."""
+
+    distributed = True
+
+    def __init__(self, rank: int, world_size: int, device: torch.device, options: dict[str, Any] | None = None):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.is_main = rank == 0
+        self.options = dict(options or {})
+
+    @classmethod
+    def start(cls, device: torch.device, options: dict[str, Any]) -> ExpertParallel:
+        """Join torchrun's process group and check that every rank got the same ``options`` (the
+        parsed command line): ranks given different ``--out`` or ``--steps`` would otherwise
+        fail much later, or not at all."""
+        from moekit.parallel import check_same_config, init_distributed
+
+        info = init_distributed(device)
+        par = cls(info.rank, info.world_size, info.device, options)
+        try:
+            check_same_config(nn.Module(), extra=par.options)
+        except ValueError as e:
+            par.close()
+            raise ConfigError(str(e)) from e
+        return par
+
+    def check_divisible(self, what: str, value: int) -> None:
+        """``ConfigError`` naming ``what`` unless ``value`` splits evenly over the ranks."""
+        if value % self.world_size:
+            raise ConfigError(f"{what}={value} is not divisible by the {self.world_size} ranks of --expert-parallel")
+
+    def prepare(self, model: nn.Module, config: dict[str, Any]) -> nn.Module:
+        # Fails on every rank, naming the first difference, when the ranks built different models
+        # or were given different options (``config``).
+        from moekit.parallel import parallelize
+
+        try:
+            return parallelize(model, extra_config={**self.options, **config})
+        except ValueError as e:  # a difference between the ranks, or experts that do not split
+            raise ConfigError(str(e)) from e
+
+    def shard(self, x_B: torch.Tensor) -> torch.Tensor:
+        rows = x_B.shape[0] // self.world_size
+        if rows * self.world_size != x_B.shape[0]:
+            raise ValueError(f"a batch of {x_B.shape[0]} rows does not split over {self.world_size} ranks")
+        return x_B[self.rank * rows:(self.rank + 1) * rows]
+
+    def split(self, x_B: torch.Tensor) -> torch.Tensor:
+        return torch.tensor_split(x_B, self.world_size)[self.rank]
+
+    def gather(self, x_b: torch.Tensor) -> torch.Tensor:
+        from moekit.parallel import ProcessGroupShards
+
+        return ProcessGroupShards().gather(x_b.to(self.device))[0]
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().to(self.device, copy=True)
+        dist.all_reduce(x)
+        return x / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t)
+
+    def clip_and_step(self, model: nn.Module, opt: torch.optim.Optimizer, max_norm: float | None) -> None:
+        from moekit.parallel import clip_grad_norm_, sync_gradients
+
+        sync_gradients(model)
+        if max_norm is not None:
+            clip_grad_norm_(model, max_norm)
+        opt.step()
+
+    def state_dicts(self, model: nn.Module, opt: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
+        from moekit.parallel import full_optimizer_state_dict, full_state_dict
+
+        return full_state_dict(model), None if opt is None else full_optimizer_state_dict(model, opt)
+
+    def load_state_dicts(self, model: nn.Module, opt: torch.optim.Optimizer | None, model_state: dict,
+                         opt_state: dict | None) -> None:
+        from moekit.parallel import load_full_optimizer_state_dict, load_full_state_dict
+
+        load_full_state_dict(model, model_state)
+        if opt is not None and opt_state is not None:
+            load_full_optimizer_state_dict(model, opt, opt_state)
+
+    def capture_rng(self) -> dict[str, Any]:
+        # The generators of all ranks are in step; on CUDA only this rank's device is kept, as
+        # the state of "the" device, so any rank (or one process) can restore it into its own.
+        state = capture_rng_state()
+        if self.device.type == "cuda":
+            state["cuda"] = [torch.cuda.get_rng_state(self.device)]
+        return state
+
+    def restore_rng(self, state: dict[str, Any]) -> None:
+        restore_rng_state({k: v for k, v in state.items() if k != "cuda"})
+        if self.device.type == "cuda" and state.get("cuda"):
+            torch.cuda.set_rng_state(state["cuda"][0].cpu(), self.device)
+
+    def main_only(self, fn: Callable[[], T]) -> T:
+        box: list[Any] = [None]
+        if self.is_main:
+            try:
+                box[0] = ("ok", fn())
+            except Exception as e:  # noqa: BLE001 - every rank re-raises it below
+                box[0] = ("error", e)
+        dist.broadcast_object_list(box, src=0)
+        status, value = box[0]
+        if status == "error":
+            raise value
+        return value
+
+    def describe(self, device: torch.device) -> str:
+        return f"{self.world_size} ranks x {device.type} (--expert-parallel, {dist.get_backend()})"
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,44 @@
+"""The layer benchmark runs end to end and reports what it promises (no timing is asserted)."""
+
+import json
+
+from moekit.bench import layer as bench
+
+
+def test_quick_benchmark_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "layer.json"
+    assert bench.main(["--quick", "--threads", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| configuration | moekit ms | efficiency" in table and "Scaling: t(E=8) / t(E=4)" in table
+    data = json.loads(out.read_text())
+    assert data["tag"]["torch"] and data["tag"]["threads"] == 1
+    head = data["rows"][0]
+    assert set(head["speedup"]) == {"masked_loop", "onehot_einsum", "nonzero_split"}
+    assert head["efficiency"] > 0 and head["memory_vs_limit"] > 0
+    assert data["scaling"]["experts"] == [4, 8]
+
+
+def test_baselines_compute_the_same_function_as_a_dense_ffn_with_one_expert():
+    # With one expert and k = 1 every baseline is the dense FFN: checks they are real MoE layers.
+    import torch
+
+    torch.manual_seed(0)
+    x = torch.randn(10, 8)
+    for name, cls in bench.BASELINES.items():
+        kwargs = {"capacity_factor": 1.0} if name == "onehot_einsum" else {}
+        layer = cls(8, 1, 1, 16, **kwargs)
+        if hasattr(layer, "experts"):
+            fc1, fc2 = layer.experts[0].fc1, layer.experts[0].fc2
+            expected = fc2(torch.relu(fc1(x)))
+        else:
+            expected = torch.relu(x @ layer.w1[0]) @ layer.w2[0]
+        torch.testing.assert_close(layer(x), expected, msg=name)
+
+
+def test_moekit_bench_command_writes_into_out(tmp_path, capsys):
+    from moekit.cli import main
+
+    assert main(["bench", "--quick", "--threads", "1", "--repeats", "1", "--only", "E=8", "--out",
+                 str(tmp_path)]) == 0
+    assert (tmp_path / "bench.json").is_file() and "efficiency" in (tmp_path / "bench.md").read_text()
+    assert "E=8" in capsys.readouterr().out
