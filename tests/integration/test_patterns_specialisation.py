@@ -31,10 +31,3 @@ def test_every_pattern_head_specialises_and_none_starves(tmp_path):
     outs, _ = decode("spmoe", net, [e.source for e in test], vocab, cfg, "cpu")
     refs = [[normalize(t) for t in e.targets] for e in test]
     assert refs_covered(outs, refs, tokenize="none", min_bleu=100.0) >= 0.8
-
-
-def test_purity_by_majority_mapping():
-    p = purity([0, 0, 0, 1, 1, 2], [1, 1, 0, 2, 2, 0], 4)
-    assert p["mapping"] == [1, 2, 0, None]
-    assert p["per_pattern"] == [2 / 3, 1.0, 1.0, None]
-    assert p["purity"] == 5 / 6
