@@ -87,11 +87,12 @@ def parse_bible_output(text: str) -> list[Verse]:
     """
     books = set(KJV_BOOKS)
     verses: list[Verse] = []
-    book, chapter = None, 0
-    number, parts = 0, []
+    book: str | None = None
+    chapter, number = 0, 0
+    parts: list[str] = []
 
     def flush() -> None:
-        if parts:
+        if parts and book is not None:
             verses.append(Verse(book, chapter, number, " ".join(parts)))
             parts.clear()
 

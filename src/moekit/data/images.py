@@ -37,7 +37,7 @@ NPZ_OPTIONAL = ("x_ood",)
 DIGITS_OOD = "scikit-learn load_digits (1797 8x8 digits, bilinear-resized to the image size)"
 
 # IDX type codes (the third byte of the magic number) and the numpy dtypes they hold, big-endian.
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, str | type] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 @dataclass(frozen=True)

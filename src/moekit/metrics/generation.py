@@ -12,6 +12,7 @@ reference of at least one output. Corpus-level diversity is distinct-n (Li et al
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 from sacrebleu.metrics import BLEU
 
@@ -47,7 +48,9 @@ def corpus_bleu(hypotheses: Sequence[str], references: References, tokenize: str
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} reference lists")
     # force: text given as word tokens ("none") is tokenized on purpose; no warning about it.
     bleu = BLEU(tokenize=tokenize, force=tokenize == "none")
-    return float(bleu.corpus_score(list(hypotheses), _ref_streams(references)).score)
+    # sacrebleu takes None for a reference a hypothesis does not have (fewer references than others).
+    streams = cast(Sequence[Sequence[str]], _ref_streams(references))
+    return float(bleu.corpus_score(list(hypotheses), streams).score)
 
 
 def sentence_bleu(hypothesis: str, references: Sequence[str], tokenize: str = "13a") -> float:

@@ -14,7 +14,9 @@ def purity(assigned: Sequence[int], labels: Sequence[int], k: int) -> dict:
     """
     if len(assigned) != len(labels):
         raise ValueError(f"{len(assigned)} assignments for {len(labels)} labels")
-    per, mapping, hits = [], [], 0
+    per: list[float | None] = []
+    mapping: list[int | None] = []
+    hits = 0
     for p in range(k):
         mine = [lab for a, lab in zip(assigned, labels, strict=True) if a == p]
         if not mine:

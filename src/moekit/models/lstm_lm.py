@@ -25,7 +25,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import nn
@@ -151,7 +151,7 @@ class LSTMLM(nn.Module):
         spec, D, F = cfg.spec, cfg.dim, cfg.hidden
         kw = {"device": device, "dtype": dtype}
         self.embed = nn.Embedding(cfg.vocab_size, D, **kw)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop: nn.Module = nn.Dropout(cfg.dropout)  # swapped for a row-sharded dropout under expert parallelism
         self.lstm_in = nn.LSTM(D, D, batch_first=True, **kw)
         self.lstm_out = nn.LSTM(D, D, batch_first=True, **kw)
         self.middle: nn.Module
@@ -185,7 +185,7 @@ class LSTMLM(nn.Module):
         aux, stats = x_BSD.new_zeros((), dtype=torch.float32), None
         if isinstance(self.middle, nn.ModuleList):
             for lstm in self.middle:
-                x_BSD = self._lstm(lstm, x_BSD)
+                x_BSD = self._lstm(cast(nn.LSTM, lstm), x_BSD)
         else:
             if isinstance(self.middle, MoE):
                 y_BSD, aux, stats = self.middle(x_BSD, mask=mask_BS)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -114,8 +115,8 @@ class Block(nn.Module):
         D = cfg.dim
         self.norm1 = nn.LayerNorm(D, **kw)
         self.attn = Attention(D, cfg.heads, cfg.dropout, **kw)
-        self.norm_x = nn.LayerNorm(D, **kw) if cross else None
-        self.cross = Attention(D, cfg.heads, cfg.dropout, **kw) if cross else None
+        self.norm_x: nn.LayerNorm | None = nn.LayerNorm(D, **kw) if cross else None
+        self.cross: Attention | None = Attention(D, cfg.heads, cfg.dropout, **kw) if cross else None
         self.norm2 = nn.LayerNorm(D, **kw)
         self.ffn = FeedForward(D, cfg.ffn_dim or 4 * D, cfg.dropout, **kw)
         self.drop = nn.Dropout(cfg.dropout)
@@ -123,9 +124,15 @@ class Block(nn.Module):
     def forward(self, x_BTD, self_mask_BTT, memory_BSD=None, cross_mask_BTS=None):
         h = self.norm1(x_BTD)
         x_BTD = x_BTD + self.drop(self.attn(h, h, self_mask_BTT))
-        if self.cross is not None:
+        if self.cross is not None and self.norm_x is not None:
             x_BTD = x_BTD + self.drop(self.cross(self.norm_x(x_BTD), memory_BSD, cross_mask_BTS))
         return x_BTD + self.drop(self.ffn(self.norm2(x_BTD)))
+
+    def keys_values_of(self, memory_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention keys and values of the source (a decoder block's)."""
+        if self.cross is None:
+            raise RuntimeError("an encoder block has no cross-attention")
+        return self.cross.keys_values(memory_BSD)
 
     def step(self, x_N1D, cache: dict, cross_kv, cross_mask_N1S):
         """One new position per hypothesis; ``cache`` holds this block's past keys/values [N, H, t, D/H]."""
@@ -135,7 +142,10 @@ class Block(nn.Module):
         cache["v"] = v_new if cache.get("v") is None else torch.cat([cache["v"], v_new], dim=2)
         # No mask: the cache holds only earlier positions, which is what the causal mask allows.
         x_N1D = x_N1D + self.attn.attend(h, cache["k"], cache["v"], None)
-        x_N1D = x_N1D + self.cross.attend(self.norm_x(x_N1D), *cross_kv, cross_mask_N1S)
+        if self.cross is None or self.norm_x is None:
+            raise RuntimeError("step() is for decoder blocks, which attend to the source")
+        cross_k, cross_v = cross_kv
+        x_N1D = x_N1D + self.cross.attend(self.norm_x(x_N1D), cross_k, cross_v, cross_mask_N1S)
         return x_N1D + self.ffn(self.norm2(x_N1D))
 
 
@@ -163,6 +173,9 @@ class Seq2Seq(nn.Module):
         with torch.no_grad():
             self.embed.weight[cfg.pad_id].zero_()
 
+
+    def decoder_blocks(self) -> list[Block]:
+        return [cast(Block, block) for block in self.decoder]
     def _embed(self, ids_BL: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids_BL) * math.sqrt(self.cfg.dim)
         pos = sinusoidal_positions(ids_BL.shape[1], self.cfg.dim, device=x.device, dtype=x.dtype)
@@ -221,7 +234,8 @@ class Seq2Seq(nn.Module):
                 return torch.log_softmax(head(h_NTD[:, -1]).float(), dim=-1)
 
             return full
-        cross_kv = [block.cross.keys_values(memory_BSD) for block in self.decoder]
+        blocks = self.decoder_blocks()
+        cross_kv = [block.keys_values_of(memory_BSD) for block in blocks]
         state: dict = {"len": 0, "layers": []}
 
         def step(prefix_NT: torch.Tensor, rows_N: torch.Tensor, parents_N=None) -> torch.Tensor:
@@ -239,7 +253,7 @@ class Seq2Seq(nn.Module):
             pos_TD = sinusoidal_positions(T, self.cfg.dim, device=memory_BSD.device, dtype=memory_BSD.dtype)
             for t in range(state["len"], T):
                 x = self.embed(prefix_NT[:, t : t + 1]) * math.sqrt(self.cfg.dim) + pos_TD[t]
-                for block, layer, ckv in zip(self.decoder, state["layers"], kv, strict=True):
+                for block, layer, ckv in zip(blocks, state["layers"], kv, strict=True):
                     x = block.step(x, layer, ckv, mask_N1S)
             state["len"] = T
             return torch.log_softmax(head(self.dec_norm(x[:, 0])).float(), dim=-1)

@@ -133,6 +133,8 @@ class PatternHeads(nn.Module):
             if out is None:
                 out = part.new_empty(*h_BTD.shape[:2], part.shape[-1])
             out[rows] = part
+        if out is None:
+            raise ValueError("no row to compute: pattern_B is empty")
         return out
 
     def nll_all(self, h_BTD: torch.Tensor, tgt_out_BT: torch.Tensor, pad_id: int) -> torch.Tensor:

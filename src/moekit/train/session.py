@@ -76,13 +76,13 @@ class Session:
 
         Every rank calls this (the model and optimizer state are gathered over the ranks); rank 0 writes.
         """
-        current = None
+        current, total = None, self.steps_done
         if name is not None and state is not None and model is not None:
             model_state, opt_state = self.strategy.state_dicts(model, optimizer)
             current = {"name": name, "state": state.to_dict(), "model": model_state, "optimizer": opt_state}
+            total += state.step
         ckpt = {"format": FORMAT, "fingerprint": self.fingerprint, "finished": self.finished,
                 "steps_done": self.steps_done, "current": current, "rng": self.strategy.capture_rng()}
-        total = self.steps_done + (state.step if current is not None else 0)
 
         def write() -> None:
             save_checkpoint(checkpoint_path(self.out, total), ckpt)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,7 @@ from moekit.train.outdir import ConfigError
 from moekit.train.runtime import resolve_device
 
 T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
 
 
 def add_parallel_arg(parser: argparse.ArgumentParser, job: str, limits: str) -> None:
@@ -86,7 +87,8 @@ class SingleProcess:
     def check_divisible(self, what: str, value: int) -> None:
         pass
 
-    def prepare(self, model: nn.Module, config: dict[str, Any]) -> nn.Module:
+    def prepare(self, model: M, config: dict[str, Any]) -> M:
+        """``model`` ready to train on this process: expert-parallel under ``ExpertParallel``."""
         return model
 
     def shard(self, x_B: torch.Tensor) -> torch.Tensor:
@@ -178,13 +180,13 @@ class ExpertParallel(SingleProcess):
         if value % self.world_size:
             raise ConfigError(f"{what}={value} is not divisible by the {self.world_size} ranks of --expert-parallel")
 
-    def prepare(self, model: nn.Module, config: dict[str, Any]) -> nn.Module:
+    def prepare(self, model: M, config: dict[str, Any]) -> M:
         # Fails on every rank, naming the first difference, when the ranks built different models
         # or were given different options (``config``).
         from moekit.parallel import parallelize
 
         try:
-            return parallelize(model, extra_config={**self.options, **config})
+            return cast(M, parallelize(model, extra_config={**self.options, **config}))
         except ValueError as e:  # a difference between the ranks, or experts that do not split
             raise ConfigError(str(e)) from e
 

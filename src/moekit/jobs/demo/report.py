@@ -53,7 +53,7 @@ def _expert_summary(ev: EvalResult) -> dict[str, Any]:
     }
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+def _save_npz(path: Path, **arrays: Any) -> None:
     atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 

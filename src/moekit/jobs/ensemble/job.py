@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +178,7 @@ def run_all(cfg: EnsembleConfig, data: ImageSplits, tensors: Tensors, device: to
         model = par.prepare(model, {"job": dataclasses.asdict(cfg), "run": spec.name})
         state = train_run(spec, model, tensors, cfg, session, quiet, par)
         result = evaluate_run(spec, model, tensors, cfg, state, params, par,
-                              lambda kind=spec.kind: _local_copy(cfg, kind, data, device))
+                              functools.partial(_local_copy, cfg, spec.kind, data, device))
         session.finish(spec.name, state, result)
 
 

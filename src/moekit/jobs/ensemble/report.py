@@ -10,6 +10,7 @@ recompute it. ``probs`` is the mean of the members' probabilities.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ DESCRIPTIONS = {
     "deep-ensemble": "M independently trained V-MoEs, probabilities averaged",
     "e3-init": "E^3 initialised from the trained vmoe, then fine-tuned",
 }
+
+
+def _savez(f: Any, arrays: dict[str, Any]) -> None:
+    np.savez_compressed(f, **arrays)
 
 
 def model_metrics(probs: np.ndarray, labels: np.ndarray, ood_probs: np.ndarray | None) -> dict[str, float | None]:
@@ -70,12 +75,15 @@ def write_outputs(out: Path, cfg: EnsembleConfig, data: ImageSplits, finished: d
     for model in cfg.models:
         runs = [finished[spec.name] for spec in model_runs(cfg, model)]
         members, ood_members = combine_runs(runs, "member_probs"), combine_runs(runs, "ood_member_probs")
-        arrays = {"probs": members.mean(axis=1, dtype=np.float64).astype(np.float32), "labels": data.y_test}
+        if members is None:
+            raise ValueError(f"model {model}: its runs hold no test predictions")
+        arrays: dict[str, Any] = {"probs": members.mean(axis=1, dtype=np.float64).astype(np.float32),
+                                  "labels": data.y_test}
         if ood_members is not None:
             arrays["ood_probs"] = ood_members.mean(axis=1, dtype=np.float64).astype(np.float32)
         if members.shape[1] > 1:
             arrays["member_probs"] = members
-        atomic_write(out / f"predictions_{model}.npz", lambda f, a=arrays: np.savez_compressed(f, **a))
+        atomic_write(out / f"predictions_{model}.npz", functools.partial(_savez, arrays=arrays))
         models[model] = {
             # From the saved float32 arrays, so that the file reproduces these numbers exactly.
             **model_metrics(arrays["probs"], data.y_test, arrays.get("ood_probs")),

@@ -172,7 +172,7 @@ def evaluate(
 
 def balance_metrics(ev: EvalResult) -> dict[str, Any]:
     """CV of importance and load (population std / mean, as in the losses) and max/mean load."""
-    if ev.importance_E is None:
+    if ev.importance_E is None or ev.load_E is None:
         return {"cv_importance": None, "cv_load": None, "max_mean_load": None, "importance": None, "load": None}
     load_E = ev.load_E
     return {

@@ -66,11 +66,11 @@ def summary_table(models: Sequence[dict[str, Any]], ablation: bool) -> str:
                 "| paper PPL | paper CV(imp.) | paper CV(load) | paper max/mean |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for m in models:
-            paper = PAPER_TABLE6.get((m["w_importance"], m["w_load"]))
+            table6 = PAPER_TABLE6.get((m["w_importance"], m["w_load"]))
             keys = ("train_cv_importance", "train_cv_load", "train_max_mean_load", "cv_importance", "cv_load",
                     "max_mean_load")
             ours = [_fmt(m["test_ppl"])] + [_fmt(m.get(key)) for key in keys]
-            theirs = ["–"] * 4 if paper is None else [f"{v:.2f}" for v in paper]
+            theirs = ["–"] * 4 if table6 is None else [f"{v:.2f}" for v in table6]
             rows.append(f"| {m['model']} | {m['w_importance']:g} | {m['w_load']:g} | " + " | ".join(ours + theirs)
                         + " |")
         return "\n".join(rows)
@@ -78,7 +78,7 @@ def summary_table(models: Sequence[dict[str, Any]], ablation: bool) -> str:
             "| max/mean load | paper test PPL | paper ops/timestep | paper params |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in models:
-        paper = PAPER_TABLE7.get(m["model"], ("–", "–", "–"))
+        paper: tuple[object, ...] = PAPER_TABLE7.get(m["model"], ("–", "–", "–"))
         rows.append(
             f"| {m['name']} | {m['experts'] or '–'} | {m['k'] or '–'} | {_count(m['ops_per_timestep'])} "
             f"| {_count(m['params'])} | {_fmt(m['valid_ppl'])} | {_fmt(m['test_ppl'])} "
@@ -260,7 +260,7 @@ def write_outputs(out: Path, cfg: LMJobConfig, data: LMData, results: list[dict[
         "environment": environment(device),
     }
     write_json(out / "vocab.json", data.vocab.to_list())
-    arrays = {"valid_targets": data.valid[1:].numpy().astype(np.int32),
+    arrays: dict[str, Any] = {"valid_targets": data.valid[1:].numpy().astype(np.int32),
               "test_targets": data.test[1:].numpy().astype(np.int32)}
     for label, losses in raw.items():
         arrays.update({f"{label}__{name}": t.numpy() for name, t in losses.items()})

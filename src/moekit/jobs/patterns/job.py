@@ -88,7 +88,10 @@ def load_examples(cfg: PatternsConfig) -> tuple[list[Example], list[Example], st
     return train, test[::stride][: s.eval_sources], what
 
 
-def build_network(name: str, cfg: PatternsConfig, vocab: Vocab, device=None) -> torch.nn.Module:
+Network = SingleModel | SPMoE | HardMixture
+
+
+def build_network(name: str, cfg: PatternsConfig, vocab: Vocab, device=None) -> Network:
     """A freshly initialised ``single``, ``spmoe`` or ``hmoe`` network (seeded by the caller)."""
     s = cfg.sizes
     backbone = Seq2Seq(Seq2SeqConfig(len(vocab), dim=s.dim, heads=s.heads, encoder_layers=s.layers,
@@ -104,7 +107,7 @@ def build_network(name: str, cfg: PatternsConfig, vocab: Vocab, device=None) -> 
 
 
 def train_network(name: str, cfg: PatternsConfig, session: Session, pairs: EncodedPairs, vocab: Vocab,
-                  device: torch.device, quiet: bool) -> tuple[torch.nn.Module, TrainState]:
+                  device: torch.device, quiet: bool) -> tuple[Network, TrainState]:
     """Train (or finish training, or load the trained) network ``name``."""
     index = cfg.networks().index(name)
     torch.manual_seed(cfg.seed * 1000 + index)  # each network's initialisation is its own
@@ -129,7 +132,7 @@ def train_network(name: str, cfg: PatternsConfig, session: Session, pairs: Encod
     return net, state
 
 
-def _train_summary(name: str, cfg: PatternsConfig, state: TrainState, net: torch.nn.Module, pairs: EncodedPairs,
+def _train_summary(name: str, cfg: PatternsConfig, state: TrainState, net: Network, pairs: EncodedPairs,
                    vocab: Vocab, device: torch.device) -> dict[str, Any]:
     hist = state.history
     tail = hist["nll"][-100:]
@@ -138,14 +141,14 @@ def _train_summary(name: str, cfg: PatternsConfig, state: TrainState, net: torch
     if hist.get("assign"):
         recent = hist["assign"][-100:]
         summary["assignment_share"] = [sum(a[k] for a in recent) / len(recent) for k in range(cfg.patterns)]
-        if cfg.data == SYNTHETIC:
+        if cfg.data == SYNTHETIC and isinstance(net, SPMoE | HardMixture):
             assigned = assignments(net, pairs, vocab, device)
             summary["purity"] = purity(assigned, pairs.labels[: len(assigned)], cfg.patterns)
     return summary
 
 
 @torch.no_grad()
-def decode(model_name: str, net: torch.nn.Module, sources: Sequence[str], vocab: Vocab, cfg: PatternsConfig,
+def decode(model_name: str, net: Network, sources: Sequence[str], vocab: Vocab, cfg: PatternsConfig,
            device, chunk: int = 64) -> tuple[list[list[str]], list[list[float]] | None]:
     """K output strings per source, and (SPMoE with a learned prior) p(pattern | source)."""
     K, s = cfg.patterns, cfg.sizes
@@ -155,11 +158,11 @@ def decode(model_name: str, net: torch.nn.Module, sources: Sequence[str], vocab:
     for start in range(0, len(sources), chunk):
         src = pad([encode_text(vocab, x, s.max_len - 1) + [vocab.eos_id] for x in sources[start : start + chunk]],
                   vocab.pad_id).to(device)
-        if model_name == "spmoe":
+        if isinstance(net, SPMoE):
             ids = net.generate(src, vocab.bos_id, vocab.eos_id, s.max_len, beam=cfg.beam)
             if priors is not None:
                 priors.extend(net.prior_log_probs(src).exp().tolist())
-        elif model_name == "hmoe":
+        elif isinstance(net, HardMixture):
             ids = net.generate(src, vocab.eos_id, s.max_len, beam=cfg.beam)
         else:
             ids = net.generate(src, K, vocab.bos_id, vocab.eos_id, s.max_len, mode=model_name, beam=cfg.beam,
@@ -169,7 +172,7 @@ def decode(model_name: str, net: torch.nn.Module, sources: Sequence[str], vocab:
 
 
 @torch.no_grad()
-def assignments(net: torch.nn.Module, pairs: EncodedPairs, vocab: Vocab, device, limit: int = 2000,
+def assignments(net: SPMoE | HardMixture, pairs: EncodedPairs, vocab: Vocab, device, limit: int = 2000,
                 chunk: int = 128) -> list[int]:
     """Winning pattern (lowest loss, dropout off) of the first ``limit`` training pairs."""
     out: list[int] = []
