@@ -1,10 +1,12 @@
 """moekit: sparse mixture-of-experts layers, models and tools for PyTorch."""
 
 from moekit import ensemble, reference
+from moekit.balance import update_expert_bias
 from moekit.experts import Experts
 from moekit.layer import HierarchicalMoE, MoE
 from moekit.routing import (
     BatchwiseRouter,
+    ExpertChoiceRouter,
     NoisyTopKRouter,
     SwitchRouter,
     TopKRouter,
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchwiseRouter",
+    "ExpertChoiceRouter",
     "Experts",
     "HierarchicalMoE",
     "HierarchicalRouter",
@@ -37,4 +40,5 @@ __all__ = [
     "reference",
     "register_router",
     "routers",
+    "update_expert_bias",
 ]
