@@ -16,6 +16,7 @@ from moekit.routing import (
     routers,
 )
 from moekit.routing.hierarchical import HierarchicalRouter
+from moekit.soft_moe import SoftMoE
 from moekit.types import MoEOutput, Routing, RoutingStats
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "NoisyTopKRouter",
     "Routing",
     "RoutingStats",
+    "SoftMoE",
     "SwitchRouter",
     "TopKRouter",
     "VMoERouter",

@@ -282,3 +282,46 @@ def reference_moe(moe, x: torch.Tensor, mask: torch.Tensor | None = None, routin
     y_TD = torch.stack(y) if y else x_TD.new_zeros(0, moe.dim)
     stats = stats._replace(counts=torch.tensor(counts), dropped=dropped)
     return MoEOutput(y_TD.reshape(x.shape), aux_loss, stats)
+
+
+def reference_soft_moe(soft, x: torch.Tensor, mask: torch.Tensor | None = None) -> MoEOutput:
+    """A ``moekit.SoftMoE`` one sequence, slot and token at a time.
+
+    Slot n of a sequence mixes its real tokens with weights softmax over tokens of ``x_s . phi_n``;
+    expert ``n // P`` computes it; a real token's output mixes the slot outputs with weights
+    softmax over slots of the same logits; padding tokens take no part and output 0.
+    """
+    B, S, _ = x.shape
+    P, N = soft.slots_per_expert, soft.num_slots
+    phi = soft.phi.float()
+    if soft.scale is not None:
+        phi = soft.scale.float() * phi / torch.sqrt((phi * phi).sum(0, keepdim=True))
+    ys, importance = [], [torch.zeros(())] * soft.num_experts
+    for b in range(B):
+        real = [s for s in range(S) if mask is None or bool(mask[b, s])]
+        logits = {}
+        for s in range(S):
+            x_s = x[b, s].float()
+            if soft.scale is not None:
+                x_s = x_s / torch.sqrt((x_s * x_s).sum())
+            logits[s] = x_s @ phi  # [N]
+        slot_out = []
+        for n in range(N):
+            column = torch.stack([logits[s][n] for s in real]) if real else torch.zeros(0)
+            w = torch.exp(column - column.max()) / torch.exp(column - column.max()).sum() if real else column
+            slot = sum((w[i].to(x.dtype) * x[b, s] for i, s in enumerate(real)), torch.zeros_like(x[b, 0]))
+            slot_out.append(reference_expert(soft.experts, n // P, slot))
+        for s in range(S):
+            if s not in real:
+                ys.append(torch.zeros_like(x[b, s]))
+                continue
+            c = torch.exp(logits[s] - logits[s].max()) / torch.exp(logits[s] - logits[s].max()).sum()
+            ys.append(sum((c[n].to(x.dtype) * slot_out[n] for n in range(N)), torch.zeros_like(x[b, s])))
+            for n in range(N):
+                importance[n // P] = importance[n // P] + c[n]
+    y = torch.stack(ys).reshape(x.shape) if ys else torch.zeros_like(x)
+    counts = torch.full((soft.num_experts,), B * P, dtype=torch.long)
+    imp = torch.stack(importance)
+    stats = RoutingStats(imp, counts.float(), counts, 0, {"importance": _cv_squared(list(imp)),
+                                                          "load": torch.zeros(())})
+    return MoEOutput(y, torch.zeros(()), stats)
