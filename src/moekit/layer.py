@@ -133,8 +133,8 @@ class MoE(nn.Module):
         shared_gate: scale the shared output by ``sigmoid(x . w)`` per token (Qwen2-MoE).
         bias: False builds experts without any bias (``b1``/``b2`` are None); True keeps them.
         gate_input: multiply each expert's *input* by the combine weight instead of its output,
-            ``y = sum_j E_j(w_j x)`` (Llama 4); the same for experts without biases and a ReLU,
-            not in general.
+            ``y = sum_j E_j(w_j x)`` (Llama 4). It equals output gating only for experts that are
+            positively homogeneous (a ReLU without biases), not in general.
         sequence_capacity: C, an absolute capacity per sequence (HF SwitchTransformers'
             ``expert_capacity``): within each sequence of an input [..., S, D], each expert computes
             at most C slots, claimed first come first served: all first choices of the sequence in
