@@ -1,10 +1,12 @@
 """moekit: sparse mixture-of-experts layers, models and tools for PyTorch."""
 
 from moekit import ensemble, reference
+from moekit.balance import update_expert_bias
 from moekit.experts import Experts
 from moekit.layer import HierarchicalMoE, MoE
 from moekit.routing import (
     BatchwiseRouter,
+    ExpertChoiceRouter,
     NoisyTopKRouter,
     SwitchRouter,
     TopKRouter,
@@ -14,12 +16,14 @@ from moekit.routing import (
     routers,
 )
 from moekit.routing.hierarchical import HierarchicalRouter
+from moekit.soft_moe import SoftMoE
 from moekit.types import MoEOutput, Routing, RoutingStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchwiseRouter",
+    "ExpertChoiceRouter",
     "Experts",
     "HierarchicalMoE",
     "HierarchicalRouter",
@@ -28,6 +32,7 @@ __all__ = [
     "NoisyTopKRouter",
     "Routing",
     "RoutingStats",
+    "SoftMoE",
     "SwitchRouter",
     "TopKRouter",
     "VMoERouter",
@@ -37,4 +42,5 @@ __all__ = [
     "reference",
     "register_router",
     "routers",
+    "update_expert_bias",
 ]

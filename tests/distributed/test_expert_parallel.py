@@ -33,6 +33,7 @@ from moekit.parallel import (
     check_same_config,
     clip_grad_norm_,
     counting_collectives,
+    expert_parameter_names,
     full_state_dict,
     load_distributed,
     parallelize,
@@ -82,6 +83,23 @@ CASES = {
     "hierarchical-empty-rank": dict(router="hierarchical", train=True, tokens={2: (5, 0)}),
     "hierarchical-train-bpr": dict(router="hierarchical", train=True, cf=1.0, bpr=True, tokens={2: (5, 6),
                                                                                                4: (2, 6, 3, 5)}),
+    # Today's models: the topk variants, expert choice, shared experts, input gating, new activations.
+    "deepseek-v3-masked": dict(router="topk", train=True, masked=True, tokens={2: (6, 5), 4: (3, 4, 0, 4)},
+                               layer=dict(router_kwargs=dict(score="sigmoid", scale=2.5, num_groups=2, topk_groups=1,
+                                                             expert_bias=True), shared_experts=1, bias=False,
+                                          activation="swiglu")),
+    "qwen2-capacity": dict(router="topk", train=True, cf=0.75, tokens={2: (7, 4)},
+                           layer=dict(router_kwargs=dict(normalize=False), shared_experts=1, shared_gate=True)),
+    "gpt-oss-bpr": dict(router="topk", train=True, cf=1.0, bpr=True, tokens={2: (5, 6)},
+                        layer=dict(router_kwargs=dict(logit_bias=True), activation="clamped_swiglu",
+                                   activation_kwargs=dict(limit=0.5))),
+    "llama4-gate-input": dict(router="topk", k=1, train=True, masked=True, tokens={2: (6, 5)},
+                              layer=dict(router_kwargs=dict(score="sigmoid", normalize=False), gate_input=True,
+                                         shared_experts=1, bias=False, activation="swiglu")),
+    "expert-choice-masked": dict(router="expert_choice", train=True, masked=True, tokens={2: (6, 5), 4: (2, 5, 3, 4)}),
+    "expert-choice-empty-rank": dict(router="expert_choice", train=False, tokens={2: (7, 0)}),
+    "switch-sequence-capacity": dict(router="switch", k=1, train=True, seq=3, tokens={2: (6, 9)},
+                                     layer=dict(sequence_capacity=1)),
 }
 
 
@@ -91,22 +109,31 @@ def build_layer(spec: dict) -> moekit.MoE:
     if spec["router"] == "hierarchical":
         moe = moekit.HierarchicalMoE(DIM, 2, 4, k_primary=2, k_secondary=2, **kw)
     else:
-        moe = moekit.MoE(DIM, spec.get("experts", 4), k=2, router=spec["router"], **kw)
+        kw = {**kw, **spec.get("layer", {})}
+        if "sequence_capacity" in kw:
+            kw.pop("capacity_factor")
+        moe = moekit.MoE(DIM, spec.get("experts", 4), k=spec.get("k", 2), router=spec["router"], **kw)
     with torch.no_grad():  # a gate with signal, so routing is not decided by ties
         for name, p in moe.router.named_parameters():
-            if name.split(".")[-1].startswith("w_"):
+            if name.split(".")[-1].startswith("w_") or name == "logit_bias":
                 p.normal_(0, 0.7)
+        if getattr(moe.router, "expert_bias", None) is not None:
+            moe.router.expert_bias.normal_(0, 0.1)
         if spec.get("starve"):  # with positive inputs, experts 2.. never win
             moe.router.w_gate[:, 2:] = -5.0
     return moe.train(spec["train"])
 
 
-def run_layer(moe, x, mask, g, aux_scale):
+def run_layer(moe, x, mask, g, aux_scale, seq=None):
+    """The layer on [T, D] tokens (as [T/seq, seq, D] sequences when ``seq`` is given); y and x.grad [T, D]."""
     x = x.clone().requires_grad_()
+    x_in = x if seq is None else x.view(-1, seq, x.shape[-1])
+    mask_in = mask if seq is None or mask is None else mask.view(-1, seq)
     with token_noise(seed=7):
-        out = moe(x, mask)
-    ((out.y * g).sum() + out.aux_loss * aux_scale).backward()
-    return out, x.grad
+        out = moe(x_in, mask_in)
+    y = out.y.reshape(-1, x.shape[-1])
+    ((y * g).sum() + out.aux_loss * aux_scale).backward()
+    return out._replace(y=y), x.grad
 
 
 def layer_case(rank: int, world: int, name: str) -> dict:
@@ -121,20 +148,23 @@ def layer_case(rank: int, world: int, name: str) -> dict:
     mask_all = torch.rand(total, generator=gen) > 0.3 if spec.get("masked") else None
     full = build_layer(spec)
     ep = apply_expert_parallel(copy.deepcopy(full))
-    ref, ref_gx = run_layer(full, x_all, mask_all, g_all, 1.0)
-    out, gx = run_layer(ep, x_all[rows], None if mask_all is None else mask_all[rows], g_all[rows], 1.0 / world)
+    seq = spec.get("seq")
+    ref, ref_gx = run_layer(full, x_all, mask_all, g_all, 1.0, seq)
+    out, gx = run_layer(ep, x_all[rows], None if mask_all is None else mask_all[rows], g_all[rows], 1.0 / world, seq)
     with token_noise(seed=7):  # which experts rank r's own tokens chose
         routed = full.route(x_all, mask_all).indices[rows]
     lo, hi = ep.dispatcher.first_expert, ep.dispatcher.first_expert + ep.dispatcher.local_experts
-    router_grads = {}
-    for n, p in ep.router.named_parameters():  # an unused parameter (w_noise in eval) counts as 0
+    replicated_grads = {}  # the router's and the shared experts': each rank holds part of their gradient
+    for n, p in ep.named_parameters():  # an unused parameter (w_noise in eval) counts as 0
+        if n.startswith("experts."):
+            continue
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
         dist.all_reduce(grad)
-        want = full.router.get_parameter(n).grad
-        router_grads[n] = (grad, torch.zeros_like(p) if want is None else want)
+        want = full.get_parameter(n).grad
+        replicated_grads[n] = (grad, torch.zeros_like(p) if want is None else want)
     return {
         "y": (out.y, ref.y[rows]), "x_grad": (gx, ref_gx[rows]), "aux": (out.aux_loss, ref.aux_loss),
-        "stats": (out.stats, ref.stats), "router_grads": router_grads,
+        "stats": (out.stats, ref.stats), "replicated_grads": replicated_grads,
         "expert_grads": {n: (torch.zeros_like(p) if p.grad is None else p.grad,
                              full.experts.get_parameter(n).grad[lo:hi])
                          for n, p in ep.experts.named_parameters()},
@@ -233,8 +263,27 @@ def sum_many_case(rank: int) -> tuple:
     return total_counts, total_v.detach(), v.grad
 
 
+def expert_bias_case(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the expert-parallel layer's selection bias, the local layer's) after three steps of
+    ``update_expert_bias``, each rank training on its own tokens, the local layer on all of them."""
+    spec = dict(router="topk", train=True, layer=dict(router_kwargs=dict(score="sigmoid", expert_bias=True)))
+    full = build_layer(spec)
+    ep = apply_expert_parallel(copy.deepcopy(full))
+    for step in range(3):
+        gen = torch.Generator().manual_seed(20 + step)
+        x_all = torch.randn(4 * world, DIM, generator=gen) + torch.linspace(-1, 1, DIM)  # a skew to correct
+        for moe, x in ((full, x_all), (ep, x_all.view(world, 4, DIM)[rank])):
+            out = moe(x)
+            (out.y.sum() + out.aux_loss).backward()
+            moekit.update_expert_bias(moe, rate=0.05)
+    return ep.router.expert_bias.clone(), full.router.expert_bias.clone()
+
+
 def two_rank_run(rank: int, world: int, ckpt_1: str, ckpt_2: str) -> dict:
     res = {"layer": {name: layer_case(rank, world, name) for name, spec in CASES.items() if world in spec["tokens"]}}
+    res["expert_bias"] = expert_bias_case(rank, world)
+    shared = apply_expert_parallel(moekit.MoE(DIM, 4, 2, HIDDEN, shared_experts=2, shared_gate=True))
+    res["shared_layout"] = (sorted(expert_parameter_names(shared)), shared.shared.w1.shape, shared.experts.w1.shape)
     res["collectives"] = {cf: collectives_per_step(cf) for cf in (None, 1.0)}
     res["collectives_by_router"] = {router: collectives_per_step(None, router) for router in ROUTER_COLLECTIVES}
     res["sum_many"] = sum_many_case(rank)
@@ -327,10 +376,24 @@ def test_expert_parallel_layer_equals_local_layer_on_gathered_batch(runs, world,
         assert got.losses.keys() == want.losses.keys()
         for key in got.losses:
             assert_pair((got.losses[key], want.losses[key]), f"loss {key} ({where})")
-        for n, pair in {**case["router_grads"], **case["expert_grads"]}.items():
+        for n, pair in {**case["replicated_grads"], **case["expert_grads"]}.items():
             assert_pair(pair, f"gradient of {n} ({where})")
         if CASES[name].get("cf", 1.0) < 1.0:
             assert got.dropped > 0, "capacity below 1 must drop something, or this case tests nothing"
+
+
+def test_update_expert_bias_is_identical_on_every_rank_and_equals_the_local_update(runs):
+    biases = [res["expert_bias"] for res in runs[2]]
+    for ep_bias, local_bias in biases:
+        assert torch.equal(ep_bias, biases[0][0])
+        torch.testing.assert_close(ep_bias, local_bias, rtol=0, atol=1e-7)
+    assert biases[0][0].abs().sum() > 0
+
+
+def test_shared_experts_are_replicated_not_sharded(runs):
+    names, shared_shape, experts_shape = runs[2][0]["shared_layout"]
+    assert names == ["experts.b1", "experts.b2", "experts.w1", "experts.w2"]
+    assert tuple(shared_shape) == (DIM, 2 * HIDDEN) and tuple(experts_shape) == (2, DIM, HIDDEN)
 
 
 def test_cases_cover_empty_batches_and_idle_experts(runs):
@@ -389,7 +452,8 @@ def test_a_layer_step_makes_few_collectives(runs):
 
 
 # Collectives per training step (forward + backward) of a dropless layer, as docs/scaling.md states.
-ROUTER_COLLECTIVES = {"topk": 7, "noisy_topk": 8, "vmoe": 8, "e3": 8, "hierarchical": 8, "switch": 7, "batchwise": 9}
+ROUTER_COLLECTIVES = {"topk": 7, "noisy_topk": 8, "vmoe": 8, "e3": 8, "hierarchical": 8, "switch": 7, "batchwise": 9,
+                      "expert_choice": 9}
 
 
 def test_every_router_fuses_its_statistics_into_one_all_reduce(runs):

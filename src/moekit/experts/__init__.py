@@ -4,6 +4,18 @@
 each expert contiguous; ``experts.grouped`` holds the padded batched-matmul kernels it may use.
 """
 
-from moekit.experts.bank import ACTIVATIONS, BACKENDS, Experts, choose_compute, grouped_mm_supported
+from moekit.experts.bank import (
+    ACTIVATIONS,
+    BACKENDS,
+    CLAMPED_SWIGLU_DEFAULTS,
+    GATED,
+    Experts,
+    check_activation,
+    choose_compute,
+    clamped_swiglu,
+    grouped_mm_supported,
+)
+from moekit.experts.shared import SharedExperts
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "Experts", "choose_compute", "grouped_mm_supported"]
+__all__ = ["ACTIVATIONS", "BACKENDS", "CLAMPED_SWIGLU_DEFAULTS", "GATED", "Experts", "SharedExperts",
+           "check_activation", "choose_compute", "clamped_swiglu", "grouped_mm_supported"]

@@ -3,8 +3,9 @@
 Legend: N routed token-slots (grouped by expert), D model dim, F expert hidden dim, E experts.
 
 Expert e computes ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]`` (SwiGLU: ``silu(x @ w1[e] + b1[e]) *
-(x @ w3[e]) @ w2[e] + b2[e]``). Keeping all experts in one tensor per weight lets the layer be
-built on the meta device and sharded by slicing the E axis.
+(x @ w3[e]) @ w2[e] + b2[e]``; GPT-OSS's clamped SwiGLU: ``clamped_swiglu(x @ w1[e] + b1[e],
+x @ w3[e] + b3[e]) @ w2[e] + b2[e]``; without biases, every ``+ b`` is left out). Keeping all experts
+in one tensor per weight lets the layer be built on the meta device and sharded by slicing the E axis.
 
 The bank owns its compute: ``Experts.forward(x_ND, counts)`` is the one entry every dispatcher
 (local or all-to-all) calls, and ``choose_compute`` the one place a backend is picked.
@@ -20,7 +21,11 @@ from torch import nn
 
 from moekit.experts.grouped import GroupPlan, grouped_linear, grouped_relu_mlp, one_group, plan_groups
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu, "clamped_swiglu": F.silu}
+# Activations with a second (up) projection ``w3`` multiplying the activated gate projection.
+GATED = ("swiglu", "clamped_swiglu")
+# GPT-OSS's settings of its clamped SwiGLU (``swiglu_alpha``, ``swiglu_limit`` in its config).
+CLAMPED_SWIGLU_DEFAULTS = {"alpha": 1.702, "limit": 7.0}
 BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
 # "auto" pads groups of experts to their largest segment while that costs at most this factor of
 # the real rows.
@@ -61,6 +66,57 @@ def _plan(x_ND: torch.Tensor, counts: list[int]) -> GroupPlan:
     return plan_groups(counts) if x_ND.device.type == "cpu" else one_group(counts)
 
 
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's gated unit: ``(up + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)`` and
+    ``up`` clamped to ``[-limit, limit]``.
+
+    The clamps bound the activations of a model trained in low precision (the gate only from above:
+    a very negative gate already gives ~0); the ``+ 1`` lets the up projection start as an identity
+    factor.
+    """
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * gate * torch.sigmoid(alpha * gate)
+
+
+def activate(h: torch.Tensor, up: torch.Tensor | None, activation: str, settings: dict[str, float]) -> torch.Tensor:
+    """The activation between an FFN's projections: ``h`` = x @ w1 + b1, ``up`` = x @ w3 (+ b3) when gated."""
+    if activation == "clamped_swiglu":
+        return clamped_swiglu(h, up, settings["alpha"], settings["limit"])
+    if activation == "swiglu":
+        return F.silu(h) * up
+    return ACTIVATIONS[activation](h)
+
+
+def check_activation(activation: str, activation_kwargs: dict | None) -> dict[str, float]:
+    """The activation's settings (``alpha``, ``limit`` of "clamped_swiglu"; none for the others), checked."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
+    given = dict(activation_kwargs or {})
+    allowed = CLAMPED_SWIGLU_DEFAULTS if activation == "clamped_swiglu" else {}
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(f"activation_kwargs {unknown} do not apply to activation={activation!r} "
+                         f"(it takes {sorted(allowed) or 'none'})")
+    settings = {**allowed, **given}
+    for name, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{name}={value!r} must be a finite number")
+    if "limit" in settings and settings["limit"] <= 0:
+        raise ValueError(f"limit={settings['limit']!r} must be > 0")
+    return {name: float(value) for name, value in settings.items()}
+
+
+def linear(x_ND: torch.Tensor, w_DF: torch.Tensor, b_F: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w + b`` on [N, D] rows (``b`` None: no bias), one fused call when there is a bias."""
+    return x_ND @ w_DF if b_F is None else torch.addmm(b_F, x_ND, w_DF)
+
+
+def affine(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w + b`` written out (``b`` None: no bias): the readable definitions use it."""
+    return x @ w if b is None else x @ w + b
+
+
 class Experts(nn.Module):
     """E independent FFNs D -> F -> D.
 
@@ -68,31 +124,41 @@ class Experts(nn.Module):
         num_experts: E.
         dim: D.
         hidden_dim: F.
-        activation: "relu", "gelu", "silu" or "swiglu" (adds ``w3`` [E, D, F]).
+        activation: "relu", "gelu", "silu", "swiglu" (``silu(x @ w1 + b1) * (x @ w3)``, adds ``w3``
+            [E, D, F]) or "clamped_swiglu" (GPT-OSS: ``clamped_swiglu(x @ w1 + b1, x @ w3 + b3)``,
+            adds ``w3`` and, with ``bias``, the up projection's own bias ``b3`` [E, F]).
         backend: how the segments are computed: "loop" (one matmul pair per expert), "bmm" (pad
             segments to the largest and use one batched matmul), "grouped_mm" (torch's grouped
             GEMM), or "auto" (see ``choose_compute``). Settable after construction.
+        bias: False builds no bias at all (``b1``, ``b2``, ``b3`` are None), as in Mixtral, Qwen,
+            DeepSeek and Llama 4 experts; True (the default) keeps ``b1`` [E, F] and ``b2`` [E, D].
+        activation_kwargs: "clamped_swiglu" takes ``alpha`` (default 1.702) and ``limit`` (default 7).
     """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "relu",
-                 backend: str = "auto", device=None, dtype=None):
+                 backend: str = "auto", bias: bool = True, activation_kwargs: dict | None = None,
+                 device=None, dtype=None):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
+        self.settings = check_activation(activation, activation_kwargs)
         for name, value in (("num_experts", num_experts), ("dim", dim), ("hidden_dim", hidden_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {bias!r}")
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
-        self.activation = activation
+        self.activation, self.bias = activation, bias
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
         self.backend = backend
         kw = {"device": device, "dtype": dtype}
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **kw))
-        self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim, **kw))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **kw))
-        self.b2 = nn.Parameter(torch.empty(num_experts, dim, **kw))
-        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **kw)) if activation == "swiglu" else None
+        gated = activation in GATED
+        # Registered in this order whatever exists, so state-dict keys keep today's order.
+        shapes = {"w1": (num_experts, dim, hidden_dim), "b1": (num_experts, hidden_dim) if bias else None,
+                  "w2": (num_experts, hidden_dim, dim), "b2": (num_experts, dim) if bias else None,
+                  "w3": (num_experts, dim, hidden_dim) if gated else None,
+                  "b3": (num_experts, hidden_dim) if bias and activation == "clamped_swiglu" else None}
+        for name, shape in shapes.items():
+            self.register_parameter(name, None if shape is None else nn.Parameter(torch.empty(shape, **kw)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -100,18 +166,21 @@ class Experts(nn.Module):
         if self.w1.is_meta:
             return
         with torch.no_grad():
-            for w, fan_in in ((self.w1, self.dim), (self.w2, self.hidden_dim), (self.w3, self.dim)):
+            for w, fan_in in ((self.w1, self.dim), (self.w2, self.hidden_dim), (self.w3, self.dim),
+                              (self.b1, self.dim), (self.b2, self.hidden_dim), (self.b3, self.dim)):
                 if w is not None:
                     bound = 1.0 / math.sqrt(fan_in)
                     w.uniform_(-bound, bound)
-            self.b1.uniform_(-1.0 / math.sqrt(self.dim), 1.0 / math.sqrt(self.dim))
-            self.b2.uniform_(-1.0 / math.sqrt(self.hidden_dim), 1.0 / math.sqrt(self.hidden_dim))
+
+    def hidden(self, h: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+        """The activation between the projections (``activate`` with this bank's settings)."""
+        return activate(h, up, self.activation, self.settings)
 
     def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` alone on [N, D] tokens (the readable definition; used by the reference)."""
-        h = x_ND @ self.w1[e] + self.b1[e]
-        h = F.silu(h) * (x_ND @ self.w3[e]) if self.w3 is not None else ACTIVATIONS[self.activation](h)
-        return h @ self.w2[e] + self.b2[e]
+        """Expert ``e`` alone on [N, D] tokens (the readable definition)."""
+        w1, b1, w2, b2, w3, b3 = (None if w is None else w[e] for w in self._weights(x_ND.dtype))
+        up = None if w3 is None else affine(x_ND, w3, b3)
+        return affine(self.hidden(affine(x_ND, w1, b1), up), w2, b2)
 
     def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Apply expert e to the e-th contiguous segment of ``x_ND`` (sizes ``counts``). Returns [N, D]."""
@@ -125,16 +194,13 @@ class Experts(nn.Module):
         return self._forward_loop(x_ND, counts)
 
     def _weights(self, dtype: torch.dtype):
-        ws = (self.w1, self.b1, self.w2, self.b2, self.w3)
+        ws = (self.w1, self.b1, self.w2, self.b2, self.w3, self.b3)
         return tuple(None if w is None else w.to(dtype) for w in ws)
-
-    def _act(self, h: torch.Tensor, gate_in: torch.Tensor | None) -> torch.Tensor:
-        return F.silu(h) * gate_in if gate_in is not None else ACTIVATIONS[self.activation](h)
 
     def _forward_loop(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         # unbind, not w1[e]: indexing a stacked parameter inside autograd makes each expert's
         # backward allocate a full [E, D, F] gradient; unbind's backward stacks them once.
-        w1, b1, w2, b2, w3 = (None if w is None else w.unbind(0) for w in self._weights(x_ND.dtype))
+        w1, b1, w2, b2, w3, b3 = (None if w is None else w.unbind(0) for w in self._weights(x_ND.dtype))
         # With no rows at all, expert 0 still runs on the empty input: the [0, D] output then
         # belongs to the autograd graph of the input and the weights, as with rows. Under expert
         # parallelism a rank whose experts receive no token must still take part in the backward
@@ -144,20 +210,20 @@ class Experts(nn.Module):
         outs = []
         for e in live:
             x_e = segments[e]
-            h = self._act(torch.addmm(b1[e], x_e, w1[e]), None if w3 is None else x_e @ w3[e])
-            outs.append(torch.addmm(b2[e], h, w2[e]))
+            up = None if w3 is None else linear(x_e, w3[e], None if b3 is None else b3[e])
+            h = self.hidden(linear(x_e, w1[e], None if b1 is None else b1[e]), up)
+            outs.append(linear(h, w2[e], None if b2 is None else b2[e]))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def forward_rows(self, x_RD: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
         """All experts on the padded [R, D] row layout of ``plan`` (``moekit.experts.grouped``): one
         batched matmul per group of experts and weight. Returns [R, D]; padding rows hold
         ``act(b1) @ w2 + b2`` and are meant to be ignored."""
-        w1, b1, w2, b2, w3 = self._weights(x_RD.dtype)
-        if self.activation == "relu":
+        w1, b1, w2, b2, w3, b3 = self._weights(x_RD.dtype)
+        if self.activation == "relu" and self.bias:  # the fused kernel takes both biases
             return grouped_relu_mlp(x_RD, w1, b1, w2, b2, plan)
-        h = grouped_linear(x_RD, w1, b1, plan)
-        h = F.silu(h) * grouped_linear(x_RD, w3, None, plan) if w3 is not None else ACTIVATIONS[self.activation](h)
-        return grouped_linear(h, w2, b2, plan)
+        up = None if w3 is None else grouped_linear(x_RD, w3, b3, plan)
+        return grouped_linear(self.hidden(grouped_linear(x_RD, w1, b1, plan), up), w2, b2, plan)
 
     def _forward_padded(self, x_ND: torch.Tensor, counts: list[int], plan: GroupPlan) -> torch.Tensor:
         # On CPU a batched matmul over a few experts' [C, D] blocks runs at the speed of one big
@@ -169,14 +235,19 @@ class Experts(nn.Module):
 
     def _forward_grouped(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         # torch's grouped GEMM takes the segments as offsets: no padding, one kernel per matmul.
-        w1, b1, w2, b2, w3 = self._weights(x_ND.dtype)
+        w1, b1, w2, b2, w3, b3 = self._weights(x_ND.dtype)
         offs = torch.tensor(counts, device=x_ND.device).cumsum(0).to(torch.int32)
         expert_N = torch.repeat_interleave(torch.arange(self.num_experts, device=x_ND.device),
                                            torch.tensor(counts, device=x_ND.device))
-        h = F.grouped_mm(x_ND, w1, offs=offs) + b1[expert_N]
-        h = self._act(h, None if w3 is None else F.grouped_mm(x_ND, w3, offs=offs))
-        return F.grouped_mm(h, w2, offs=offs) + b2[expert_N]
+
+        def project(x, w, b):
+            y = F.grouped_mm(x, w, offs=offs)
+            return y if b is None else y + b[expert_N]
+
+        up = None if w3 is None else project(x_ND, w3, b3)
+        return project(self.hidden(project(x_ND, w1, b1), up), w2, b2)
 
     def extra_repr(self) -> str:
+        extra = "".join(f", {k}={v:g}" for k, v in self.settings.items())
         return (f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
-                f"activation={self.activation}")
+                f"activation={self.activation}{extra}" + ("" if self.bias else ", bias=False"))

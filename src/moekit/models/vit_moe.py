@@ -1,4 +1,4 @@
-"""A small Vision Transformer whose MLPs become sparse MoEs (V-MoE), optionally an E^3 ensemble.
+"""A small Vision Transformer whose MLPs become sparse MoEs (V-MoE), optionally an E^3 ensemble, or Soft MoEs.
 
 Legend: B images, M ensemble members, R = B*M rows after tiling, S tokens per image (patches, plus
 the class token), D model dim, F MLP hidden dim, E experts, K experts per token, C classes.
@@ -26,6 +26,7 @@ from moekit.ensemble import (
     tile_examples,
 )
 from moekit.layer import MoE
+from moekit.soft_moe import SoftMoE
 from moekit.types import RoutingStats
 
 POOLS = ("cls", "mean")
@@ -74,10 +75,20 @@ class VMoEConfig:
     w_load: float = 0.005
     ensemble_size: int | None = None
     """None: a V-MoE (``vmoe`` router). M: an E^3 of M members (``PartitionedRouter``; M = 1 is allowed)."""
+    soft: bool = False
+    """True: Soft MoE blocks (``moekit.SoftMoE``, Puigcerver et al. 2023) instead of sparse ones; k, the
+    capacity and the routing losses then do not apply."""
+    slots_per_expert: int = 1
+    """With ``soft``: P, the slots each expert computes per image (1 in the paper's largest models)."""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout={self.layout!r} is not one of {LAYOUTS}")
+        if self.soft and self.ensemble_size is not None:
+            raise ValueError(f"soft=True with ensemble_size={self.ensemble_size}: E^3 partitions a sparse router")
+        if isinstance(self.slots_per_expert, bool) or not isinstance(self.slots_per_expert, int) \
+                or self.slots_per_expert < 1:
+            raise ValueError(f"slots_per_expert={self.slots_per_expert!r} must be an int >= 1")
 
 
 def moe_block_indices(depth: int, layout: str, last_n: int) -> list[int]:
@@ -134,6 +145,9 @@ class Block(nn.Module):
             self.is_moe = False
             return
         self.is_moe = True
+        if moe.soft:  # Soft MoE mixes the tokens of each image: it takes [R, S, D] as it is
+            self.mlp = SoftMoE(vit.dim, moe.num_experts, moe.slots_per_expert, vit.mlp_dim, activation="gelu", **kw)
+            return
         common = {"w_importance": moe.w_importance, "w_load": moe.w_load, **kw}
         if moe.ensemble_size is None:
             router: str | nn.Module = "vmoe"
@@ -149,12 +163,15 @@ class Block(nn.Module):
         h_RSD = self.norm2(x_RSD)
         if not self.is_moe:
             return x_RSD + self.mlp(h_RSD), None, None
-        out = partitioned_moe(self.mlp, h_RSD, self.ensemble_size)
+        if isinstance(self.mlp, SoftMoE):
+            out = self.mlp(h_RSD)
+        else:
+            out = partitioned_moe(self.mlp, h_RSD, self.ensemble_size)
         return x_RSD + out.y, out.aux_loss, out.stats
 
 
 class ViTMoE(nn.Module):
-    """A ViT (``moe=None``: dense), a V-MoE, or an E^3 (``moe.ensemble_size`` = M).
+    """A ViT (``moe=None``: dense), a V-MoE, an E^3 (``moe.ensemble_size`` = M) or a Soft MoE ViT (``moe.soft``).
 
     Shapes: ``images`` [B, channels, H, W] -> ``ViTOutput(logits [B*M, C], aux_loss, stats)``.
     ``loss`` and ``predict_probs`` handle the members (mean of member cross-entropies; mean of

@@ -34,7 +34,7 @@ from moekit.dispatch.all_to_all import AllToAllDispatcher
 from moekit.layer import MoE
 from moekit.parallel.groups import ProcessGroupShards, check_same_config
 
-EXPERT_WEIGHTS = ("w1", "b1", "w2", "b2", "w3")
+EXPERT_WEIGHTS = ("w1", "b1", "w2", "b2", "w3", "b3")
 
 
 def _require_initialized() -> None:

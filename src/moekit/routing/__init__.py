@@ -4,6 +4,7 @@
 from moekit.routing.base import LocalRouting, Router, build_router, register_router, routers
 from moekit.routing.batchwise import BatchwiseRouter
 from moekit.routing.ensemble import PartitionedRouter, check_ensemble_size
+from moekit.routing.expert_choice import ExpertChoiceRouter
 from moekit.routing.hierarchical import HierarchicalRouter
 from moekit.routing.noisy_topk import NoisyTopKRouter
 from moekit.routing.switch import SwitchRouter
@@ -12,6 +13,7 @@ from moekit.routing.vmoe import VMoERouter
 
 __all__ = [
     "BatchwiseRouter",
+    "ExpertChoiceRouter",
     "HierarchicalRouter",
     "LocalRouting",
     "NoisyTopKRouter",

@@ -9,7 +9,7 @@ import moekit
 from moekit.reference import reference_noisy_top_k
 from moekit.routing.batchwise import batchwise_m
 
-ALL_ROUTERS = ["noisy_topk", "topk", "switch", "batchwise", "vmoe"]
+ALL_ROUTERS = ["noisy_topk", "topk", "switch", "batchwise", "vmoe", "expert_choice"]
 
 
 def test_registry_lists_every_router():
