@@ -174,7 +174,7 @@ class MoE(nn.Module):
         self.router = router
         expert_kw = {"bias": bias, "activation_kwargs": activation_kwargs, "device": device, "dtype": dtype}
         self.experts = Experts(num_experts, dim, hidden_dim, activation, expert_backend, **expert_kw)
-        self.shared = None
+        self.shared: SharedExperts | None = None
         if shared_experts:
             width = shared_experts * (hidden_dim if shared_hidden_dim is None else shared_hidden_dim)
             self.shared = SharedExperts(dim, width, activation, gate=shared_gate, **expert_kw)
@@ -205,6 +205,8 @@ class MoE(nn.Module):
 
     def shared_output(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
         """[T, D] the shared experts on the real tokens, 0 on padding (computed on real rows only)."""
+        if self.shared is None:
+            raise RuntimeError("this layer has no shared experts")
         if mask_T is None:
             return self.shared(x_TD)
         rows = mask_T.nonzero().squeeze(1)
@@ -223,6 +225,8 @@ class MoE(nn.Module):
         seq_T1 = torch.arange(num_tokens, device=indices_TK.device)[:, None] // seq_len
         pair_TK = torch.where(indices_TK >= 0, seq_T1 * self.num_experts + indices_TK, -1)
         num_pairs = max(1, -(-num_tokens // seq_len)) * self.num_experts
+        if self.sequence_capacity is None:
+            raise RuntimeError("this layer has no sequence_capacity")
         return capacity_keep(pair_TK, weights_TK, num_pairs, self.sequence_capacity, self.batch_prioritized)
 
     def keep_within_capacity(self, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
@@ -246,6 +250,8 @@ class MoE(nn.Module):
             num_real = all_indices_TK.shape[0]
         else:
             num_real = int(self.shards.sum(mask_T.sum()))
+        if self.capacity_factor is None:
+            raise RuntimeError("this layer is dropless: it has no capacity_factor")
         cap = expert_capacity(num_real, indices_TK.shape[1], self.capacity_factor, self.num_experts,
                               self.capacity_multiple)
         keep_TK = capacity_keep(all_indices_TK, all_weights_TK, self.num_experts, cap, self.batch_prioritized)

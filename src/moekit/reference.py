@@ -11,6 +11,7 @@ through the tensor operations, so outputs *and* gradients can be compared.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
@@ -53,6 +54,9 @@ def reference_activation(h_F: torch.Tensor, up_F: torch.Tensor | None, activatio
         return 0.5 * h_F * (1.0 + torch.erf(h_F / math.sqrt(2.0)))
     if activation == "silu":
         return h_F * sigmoid(h_F)
+    if activation in ("swiglu", "clamped_swiglu") and up_F is None:
+        raise ValueError(f"activation={activation!r} needs the up projection")
+    up_F = cast(torch.Tensor, up_F)
     if activation == "swiglu":
         return h_F * sigmoid(h_F) * up_F
     if activation == "clamped_swiglu":
@@ -74,16 +78,16 @@ def _ffn(x_D, w1, b1, w2, b2, w3, b3, activation: str, settings: dict[str, float
 
 def reference_expert(experts, e: int, x_D: torch.Tensor) -> torch.Tensor:
     """Expert ``e`` of a ``moekit.experts.Experts`` on one token [D] -> [D]."""
-    ws = [None if w is None else w[e].to(x_D.dtype)
-          for w in (experts.w1, experts.b1, experts.w2, experts.b2, experts.w3, experts.b3)]
-    return _ffn(x_D, *ws, experts.activation, experts.settings)
+    w1, b1, w2, b2, w3, b3 = (None if w is None else w[e].to(x_D.dtype)
+                              for w in (experts.w1, experts.b1, experts.w2, experts.b2, experts.w3, experts.b3))
+    return _ffn(x_D, w1, b1, w2, b2, w3, b3, experts.activation, experts.settings)
 
 
 def reference_shared(shared, x_D: torch.Tensor) -> torch.Tensor:
     """A ``moekit.experts.SharedExperts`` on one token [D] -> [D], gate included."""
-    ws = [None if w is None else w.to(x_D.dtype) for w in (shared.w1, shared.b1, shared.w2, shared.b2, shared.w3,
-                                                            shared.b3)]
-    y_D = _ffn(x_D, *ws, shared.activation, shared.settings)
+    w1, b1, w2, b2, w3, b3 = (None if w is None else w.to(x_D.dtype)
+                              for w in (shared.w1, shared.b1, shared.w2, shared.b2, shared.w3, shared.b3))
+    y_D = _ffn(x_D, w1, b1, w2, b2, w3, b3, shared.activation, shared.settings)
     if shared.w_gate is not None:
         y_D = y_D / (1.0 + torch.exp(-(x_D * shared.w_gate.to(x_D.dtype)).sum()))
     return y_D
@@ -96,7 +100,7 @@ def _cv_squared(values: list[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(())
     mean = sum(values) / len(values)
     var = sum((v - mean) ** 2 for v in values) / len(values)
-    return var / (mean * mean + 1e-10)
+    return cast(torch.Tensor, var / (mean * mean + 1e-10))
 
 
 def _finish(router, indices: list[list[int]], weights: list[list], num_experts: int):
@@ -180,7 +184,7 @@ def reference_expert_choice_routing(router, x_TD: torch.Tensor, mask_T: torch.Te
         logits = x_TD[t].float() @ router.w_gate.float()
         probs.append(torch.exp(logits - logits.max()) / torch.exp(logits - logits.max()).sum())
     m = min(len(real), math.ceil(router.k * len(real) / num_experts))
-    taken = [[] for _ in range(num_tokens)]
+    taken: list[list[int]] = [[] for _ in range(num_tokens)]
     for e in range(num_experts):
         for t in sorted(real, key=lambda t: (-float(probs[t][e]), t))[:m]:
             taken[t].append(e)

@@ -12,6 +12,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,7 +67,7 @@ def _build(case: Case, device: str):
     dtype = getattr(torch, case.dtype)
     moe = moekit.MoE(case.dim, case.experts, case.k, case.hidden, router=case.router,
                      capacity_factor=case.capacity_factor, device=device, dtype=dtype)
-    models = {"moekit": moe, "limit": DenseFFN(case.dim, case.hidden, dtype=dtype).to(device)}
+    models: dict[str, Any] = {"moekit": moe, "limit": DenseFFN(case.dim, case.hidden, dtype=dtype).to(device)}
     if case.compile:
         models["compiled"] = torch.compile(moe)
     for name in case.baselines:
@@ -113,7 +114,8 @@ def run_case(case: Case, device: str, repeats: int) -> dict:
     if case.memory:
         mem = {n: peak_memory(fns[n], device) for n in ("moekit", "limit")}
         row["peak_memory_bytes"] = mem
-        row["memory_vs_limit"] = mem["moekit"] / mem["limit"] if mem["limit"] else None
+        moekit_bytes, limit_bytes = mem["moekit"], mem["limit"]
+        row["memory_vs_limit"] = moekit_bytes / limit_bytes if moekit_bytes is not None and limit_bytes else None
     return row
 
 

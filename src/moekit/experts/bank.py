@@ -14,6 +14,8 @@ The bank owns its compute: ``Experts.forward(x_ND, counts)`` is the one entry ev
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,8 @@ from torch import nn
 
 from moekit.experts.grouped import GroupPlan, grouped_linear, grouped_relu_mlp, one_group, plan_groups
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu, "clamped_swiglu": F.silu}
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu, "clamped_swiglu": F.silu}
 # Activations with a second (up) projection ``w3`` multiplying the activated gate projection.
 GATED = ("swiglu", "clamped_swiglu")
 # GPT-OSS's settings of its clamped SwiGLU (``swiglu_alpha``, ``swiglu_limit`` in its config).
@@ -81,11 +84,13 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: fl
 
 def activate(h: torch.Tensor, up: torch.Tensor | None, activation: str, settings: dict[str, float]) -> torch.Tensor:
     """The activation between an FFN's projections: ``h`` = x @ w1 + b1, ``up`` = x @ w3 (+ b3) when gated."""
+    if activation not in GATED:
+        return ACTIVATIONS[activation](h)
+    if up is None:
+        raise ValueError(f"activation={activation!r} is gated: it needs the up projection x @ w3")
     if activation == "clamped_swiglu":
         return clamped_swiglu(h, up, settings["alpha"], settings["limit"])
-    if activation == "swiglu":
-        return F.silu(h) * up
-    return ACTIVATIONS[activation](h)
+    return F.silu(h) * up
 
 
 def check_activation(activation: str, activation_kwargs: dict | None) -> dict[str, float]:
@@ -117,6 +122,17 @@ def affine(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     return x @ w if b is None else x @ w + b
 
 
+class ExpertWeights(NamedTuple):
+    """A bank's stacked weights in one dtype (None: the bank has no such tensor)."""
+
+    w1: torch.Tensor  # [E, D, F]
+    b1: torch.Tensor | None  # [E, F]
+    w2: torch.Tensor  # [E, F, D]
+    b2: torch.Tensor | None  # [E, D]
+    w3: torch.Tensor | None  # [E, D, F], gated activations
+    b3: torch.Tensor | None  # [E, F], clamped_swiglu with biases
+
+
 class Experts(nn.Module):
     """E independent FFNs D -> F -> D.
 
@@ -134,6 +150,13 @@ class Experts(nn.Module):
             DeepSeek and Llama 4 experts; True (the default) keeps ``b1`` [E, F] and ``b2`` [E, D].
         activation_kwargs: "clamped_swiglu" takes ``alpha`` (default 1.702) and ``limit`` (default 7).
     """
+
+    w1: nn.Parameter
+    w2: nn.Parameter
+    w3: nn.Parameter | None
+    b1: nn.Parameter | None
+    b2: nn.Parameter | None
+    b3: nn.Parameter | None
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "relu",
                  backend: str = "auto", bias: bool = True, activation_kwargs: dict | None = None,
@@ -178,29 +201,36 @@ class Experts(nn.Module):
 
     def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` alone on [N, D] tokens (the readable definition)."""
-        w1, b1, w2, b2, w3, b3 = (None if w is None else w[e] for w in self._weights(x_ND.dtype))
-        up = None if w3 is None else affine(x_ND, w3, b3)
-        return affine(self.hidden(affine(x_ND, w1, b1), up), w2, b2)
+        ws = self._weights(x_ND.dtype)
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[e]
+
+        up = None if ws.w3 is None else affine(x_ND, ws.w3[e], pick(ws.b3))
+        return affine(self.hidden(affine(x_ND, ws.w1[e], pick(ws.b1)), up), ws.w2[e], pick(ws.b2))
 
     def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Apply expert e to the e-th contiguous segment of ``x_ND`` (sizes ``counts``). Returns [N, D]."""
         if len(counts) != self.num_experts:
             raise ValueError(f"counts has {len(counts)} entries for {self.num_experts} experts")
         backend, plan = choose_compute(self.backend, x_ND, counts)
-        if backend == "bmm":
+        if plan is not None:  # "bmm": padded groups of experts
             return self._forward_padded(x_ND, counts, plan)
         if backend == "grouped_mm":
             return self._forward_grouped(x_ND, counts)
         return self._forward_loop(x_ND, counts)
 
-    def _weights(self, dtype: torch.dtype):
+    def _weights(self, dtype: torch.dtype) -> ExpertWeights:
         ws = (self.w1, self.b1, self.w2, self.b2, self.w3, self.b3)
-        return tuple(None if w is None else w.to(dtype) for w in ws)
+        w1, b1, w2, b2, w3, b3 = (None if w is None else w.to(dtype) for w in ws)
+        assert w1 is not None and w2 is not None  # every bank has both projections
+        return ExpertWeights(w1, b1, w2, b2, w3, b3)
 
     def _forward_loop(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         # unbind, not w1[e]: indexing a stacked parameter inside autograd makes each expert's
         # backward allocate a full [E, D, F] gradient; unbind's backward stacks them once.
         w1, b1, w2, b2, w3, b3 = (None if w is None else w.unbind(0) for w in self._weights(x_ND.dtype))
+        assert w1 is not None and w2 is not None
         # With no rows at all, expert 0 still runs on the empty input: the [0, D] output then
         # belongs to the autograd graph of the input and the weights, as with rows. Under expert
         # parallelism a rank whose experts receive no token must still take part in the backward
@@ -220,7 +250,7 @@ class Experts(nn.Module):
         batched matmul per group of experts and weight. Returns [R, D]; padding rows hold
         ``act(b1) @ w2 + b2`` and are meant to be ignored."""
         w1, b1, w2, b2, w3, b3 = self._weights(x_RD.dtype)
-        if self.activation == "relu" and self.bias:  # the fused kernel takes both biases
+        if self.activation == "relu" and b1 is not None and b2 is not None:  # the fused kernel takes both biases
             return grouped_relu_mlp(x_RD, w1, b1, w2, b2, plan)
         up = None if w3 is None else grouped_linear(x_RD, w3, b3, plan)
         return grouped_linear(self.hidden(grouped_linear(x_RD, w1, b1, plan), up), w2, b2, plan)
@@ -240,7 +270,7 @@ class Experts(nn.Module):
         expert_N = torch.repeat_interleave(torch.arange(self.num_experts, device=x_ND.device),
                                            torch.tensor(counts, device=x_ND.device))
 
-        def project(x, w, b):
+        def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
             y = F.grouped_mm(x, w, offs=offs)
             return y if b is None else y + b[expert_N]
 

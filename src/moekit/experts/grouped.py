@@ -14,6 +14,7 @@ backwards that write every expert's weight gradient straight into one [E, I, O] 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -82,7 +83,7 @@ def plan_groups(counts: list[int], threads: int | None = None, max_group: int | 
     threads = torch.get_num_threads() if threads is None else threads
     max_group = max(MAX_GROUP, 2 * threads) if max_group is None else max_group
     num_experts = len(counts)
-    best = [0] + [None] * num_experts
+    best = [0.0] + [math.inf] * num_experts  # the cheapest cost of a split of the first i experts
     prev = [0] * (num_experts + 1)
     for end in range(1, num_experts + 1):
         top = 0
@@ -90,7 +91,7 @@ def plan_groups(counts: list[int], threads: int | None = None, max_group: int | 
             start = end - size
             top = max(top, counts[start])
             cost = best[start] + group_cost(size, top, threads, overhead_rows)
-            if best[end] is None or cost < best[end]:
+            if cost < best[end]:
                 best[end], prev[end] = cost, start
     bounds, end = [], num_experts
     while end > 0:
@@ -101,7 +102,9 @@ def plan_groups(counts: list[int], threads: int | None = None, max_group: int | 
 
 
 def _layout(bounds: list[tuple[int, int]], counts: list[int]) -> GroupPlan:
-    groups, base, row = [], [], 0
+    groups: list[Group] = []
+    base: list[int] = []
+    row = 0
     for start, end in bounds:
         cap = max(counts[start:end])
         groups.append(Group(start, end, cap, row))
@@ -152,7 +155,7 @@ class _GroupedLinear(torch.autograd.Function):
                         t[g.start:g.end].zero_()
                 continue
             dy_GCO = _blocks(dy_RO, g)
-            if need_x:
+            if dx_RI is not None:
                 torch.bmm(dy_GCO, w_EIO[g.start:g.end].transpose(1, 2), out=_blocks(dx_RI, g))
             if dw_EIO is not None:
                 torch.bmm(_blocks(x_RI, g).transpose(1, 2), dy_GCO, out=dw_EIO[g.start:g.end])
@@ -226,7 +229,7 @@ class _GroupedReluMLP(torch.autograd.Function):
                 torch.sum(dy_GCD, 1, out=db2[s:e])
             # ReLU's backward, in place: h is its output, > 0 exactly where the gradient passes.
             torch.ops.aten.threshold_backward.grad_input(dh_GCF, h_GCF, 0, grad_input=dh_GCF)
-            if need_x:
+            if dx_RD is not None:
                 torch.bmm(dh_GCF, w1_EDF[s:e].transpose(1, 2), out=_blocks(dx_RD, g))
             if dw1 is not None:
                 torch.bmm(_blocks(x_RD, g).transpose(1, 2), dh_GCF, out=dw1[s:e])

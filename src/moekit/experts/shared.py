@@ -34,6 +34,14 @@ class SharedExperts(nn.Module):
     ``b3`` [F] (clamped SwiGLU with bias), ``w_gate`` [D]; the ones that do not apply are None.
     """
 
+    w1: nn.Parameter
+    w2: nn.Parameter
+    b1: nn.Parameter | None
+    b2: nn.Parameter | None
+    w3: nn.Parameter | None
+    b3: nn.Parameter | None
+    w_gate: nn.Parameter | None
+
     def __init__(self, dim: int, hidden_dim: int, activation: str = "relu", bias: bool = True, gate: bool = False,
                  activation_kwargs: dict | None = None, device=None, dtype=None):
         super().__init__()
@@ -65,10 +73,12 @@ class SharedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         """[T, D] -> [T, D]."""
-        w1, b1, w2, b2, w3, b3 = (None if w is None else w.to(x_TD.dtype)
-                                  for w in (self.w1, self.b1, self.w2, self.b2, self.w3, self.b3))
-        up = None if w3 is None else affine(x_TD, w3, b3)
-        y = affine(activate(affine(x_TD, w1, b1), up, self.activation, self.settings), w2, b2)
+        def cast(w: torch.Tensor | None) -> torch.Tensor | None:
+            return None if w is None else w.to(x_TD.dtype)
+
+        w1, w2 = self.w1.to(x_TD.dtype), self.w2.to(x_TD.dtype)
+        up = None if self.w3 is None else affine(x_TD, self.w3.to(x_TD.dtype), cast(self.b3))
+        y = affine(activate(affine(x_TD, w1, cast(self.b1)), up, self.activation, self.settings), w2, cast(self.b2))
         if self.w_gate is not None:
             y = y * torch.sigmoid(x_TD @ self.w_gate.to(x_TD.dtype))[:, None]
         return y

@@ -17,6 +17,8 @@ example ever reaches another member's experts.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -71,20 +73,25 @@ class PartitionedRouter(Router):
     @property
     def shards(self) -> BatchShards:
         """The whole batch the members' balancing losses see (``moekit.shards``); set on every member."""
-        return self.members[0].shards
+        return self.member_routers()[0].shards
 
     @shards.setter
     def shards(self, value: BatchShards) -> None:
-        for router in self._modules.get("members", ()):  # none yet while Router.__init__ runs
-            router.shards = value
+        members = cast(nn.ModuleList | None, self._modules.get("members"))  # none yet while Router.__init__ runs
+        for router in [] if members is None else members:
+            cast(VMoERouter, router).shards = value
 
     @property
     def w_importance(self) -> float:
-        return self.members[0].w_importance
+        return self.member_routers()[0].w_importance
 
     @property
     def w_load(self) -> float:
-        return self.members[0].w_load
+        return self.member_routers()[0].w_load
+
+    def member_routers(self) -> list[VMoERouter]:
+        """The members' routers, member m's routing experts [m*P, (m+1)*P)."""
+        return [cast(VMoERouter, router) for router in self.members]
 
     def local_routing(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
                       rows: tuple[int, int] | None = None) -> LocalRouting:
@@ -96,10 +103,11 @@ class PartitionedRouter(Router):
         x_NMD = x_TD.view(num_tokens // M, M, self.dim)
         mask_NM = None if mask_T is None else mask_T.view(num_tokens // M, M)
         # Every member draws noise for the same N rows of each shard: ask for the shard sizes once.
-        if rows is None and self.training and self.shards.count > 1 and any(r.noise_std for r in self.members):
+        routers = self.member_routers()
+        if rows is None and self.training and self.shards.count > 1 and any(r.noise_std for r in routers):
             rows = self.shards.rows(num_tokens // M, x_TD.device)
         parts = [router.local_routing(x_NMD[:, m], None if mask_NM is None else mask_NM[:, m], rows)
-                 for m, router in enumerate(self.members)]
+                 for m, router in enumerate(routers)]
         # Member m's local expert j is global expert m*P + j; empty slots stay -1.
         indices_NMK = torch.stack([torch.where(r.indices >= 0, r.indices + m * P, -1) for m, r in enumerate(parts)], 1)
         weights_NMK = torch.stack([r.weights for r in parts], 1)
@@ -110,7 +118,7 @@ class PartitionedRouter(Router):
 
     def finish(self, local: LocalRouting, sums: dict[str, torch.Tensor]) -> Routing:
         parts = []
-        for m, router in enumerate(self.members):
+        for m, router in enumerate(self.member_routers()):
             mine = {name.split(".", 1)[1]: value for name, value in sums.items() if name.startswith(f"{m}.")}
             parts.append(router.finish(local, mine))  # only its stats and aux loss are read
         stats = RoutingStats(

@@ -114,6 +114,10 @@ class TopKRouter(Router):
     The default options give exactly the router moekit always had.
     """
 
+    logit_bias: nn.Parameter | None
+    expert_bias: torch.Tensor | None
+    expert_load: torch.Tensor | None
+
     def __init__(self, dim: int, num_experts: int, k: int = 2, w_importance: float = 0.1,
                  w_load: float = 0.1, init_std: float = 0.02, score: str = "softmax", normalize: bool = True,
                  scale: float = 1.0, num_groups: int = 1, topk_groups: int | None = None,
