@@ -220,7 +220,7 @@ class Seq2Seq(nn.Module):
         return self.project(self.decode(tgt_in_BT, memory, src_mask_BS))
 
     def step_fn(self, memory_BSD: torch.Tensor, src_mask_BS: torch.Tensor, head=None, cache: bool = True):
-        """A decoding step function ``(prefix_NT, rows_N, parents_N) -> log_probs_NV`` (see decoding.py).
+        """A decoding step function ``(prefix_NT, rows_N, parents_N) -> log_probs_NV`` (see ``moekit.models.decoding``).
 
         ``rows_N`` says which source each hypothesis belongs to; ``head`` maps the last hidden state
         [N, D] to logits (default: the shared projection). With ``cache`` the keys and values of past

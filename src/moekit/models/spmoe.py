@@ -6,7 +6,7 @@ K patterns, N decoding hypotheses.
 After Cui et al. 2021 ("Generate multiple pattern-aware outputs with sparse pattern mixture of
 experts"): one shared transformer encoder-decoder, K pattern heads that are single linear layers,
 and a sparse assignment of every training pair to one pattern. Where that paper is silent we
-follow Shen et al. 2019 (hard mixtures for diverse translation), see PAPERS.md §2:
+follow Shen et al. 2019 ("Mixture Models for Diverse Machine Translation: Tricks of the Trade"):
 
 * Responsibilities come from each pattern's sequence loss, computed with dropout OFF and no
   gradient. Shen et al. report that with dropout on, one component wins everything.
@@ -62,21 +62,21 @@ class SPMoEConfig:
     assign_with_noise: bool = False
     """Let the gate's training noise into the assignment, or assign by its clean logits. The noise
     balances the patterns by making assignments partly random, which also trains every head on much
-    the same pairs: on KJV -> WEB the heads then stayed alike (pairwise BLEU 81, beam search 78)."""
+    the same pairs, so the heads tend to stay alike (measured in docs/results/patterns/README.md)."""
     capacity_factor: float | None = 1.25
     """None: each pair goes to its best pattern. Otherwise each pattern takes at most
     ``ceil(capacity_factor * B / K)`` pairs of a batch; pairs claim places in order of confidence
     (their score margin), and a pair whose best pattern is full takes its next best. This is the
-    hard guarantee that no pattern starves; without it or the noise one head took 95% of the
-    KJV -> WEB pairs."""
+    hard guarantee that no pattern starves: without it (or the noise) one head can take nearly
+    every pair."""
     use_gate: bool = True
     """False: plain hard EM with a uniform prior (the winner is the lowest loss)."""
     learned_prior: bool = True
     """Train p(z | x) to rank the outputs at inference."""
     adapter_init_std: float = 0.1
     """Heads start as the shared output path plus noise of this relative size: alike, but not tied.
-    On KJV -> WEB (cpu-small, 1000 steps) 0.02 let the heads drift back together (pairwise BLEU 85);
-    0.1 kept them apart (78) at a better oracle BLEU, with balanced usage."""
+    Too little noise lets the heads drift back together (docs/results/patterns/README.md compares
+    settings)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.patterns, bool) or not isinstance(self.patterns, int) or self.patterns < 1:
