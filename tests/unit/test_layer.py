@@ -180,3 +180,73 @@ def test_empty_batch_gives_empty_output_and_zero_losses(router, cf, training):
     assert out.y.shape == (0, 8) and x.grad.shape == (0, 8)
     assert out.aux_loss.item() == 0.0 and out.stats.counts.sum() == 0 and out.stats.dropped == 0
     assert all(torch.isfinite(loss) for loss in out.stats.losses.values()), out.stats.losses
+
+
+def test_gate_input_equals_gate_output_for_a_bias_free_relu_expert():
+    # relu(w x W1) W2 = w relu(x W1) W2 for w >= 0: input and output gating agree exactly here,
+    # and differ for SwiGLU (silu(w h) (w u) is not w silu(h) u).
+    torch.manual_seed(0)
+    kw = dict(router="topk", bias=False, dtype=torch.float64)
+    out_gated = moekit.MoE(6, 4, 2, 5, **kw)
+    in_gated = moekit.MoE(6, 4, 2, 5, gate_input=True, **kw)
+    in_gated.load_state_dict(out_gated.state_dict())
+    x = torch.randn(9, 6, dtype=torch.float64)
+    torch.testing.assert_close(in_gated(x).y, out_gated(x).y)
+    kw["activation"] = "swiglu"
+    out_gated, in_gated = moekit.MoE(6, 4, 2, 5, **kw), moekit.MoE(6, 4, 2, 5, gate_input=True, **kw)
+    in_gated.load_state_dict(out_gated.state_dict())
+    assert not torch.allclose(in_gated(x).y, out_gated(x).y)
+
+
+def test_sequence_capacity_keeps_the_first_tokens_of_each_sequence():
+    # Every token prefers expert 0 (SwitchTransformers' top-1 router); C = 2 per sequence: tokens
+    # 0 and 1 of each sequence are computed, 2 and 3 dropped (output 0), as HF's cumsum <= C keeps.
+    moe = moekit.MoE(4, 2, 1, 3, router="switch", sequence_capacity=2, bias=False)
+    with torch.no_grad():
+        moe.router.w_gate.copy_(torch.tensor([[5.0, -5.0]] * 4))
+    x = torch.rand(2, 4, 4) + 0.1  # positive: expert 0 wins everywhere
+    out = moe(x)
+    assert out.stats.counts.tolist() == [4, 0] and out.stats.dropped == 4
+    assert (out.y[:, 2:] == 0).all() and (out.y[:, :2] != 0).all()
+    # A padding token claims no place: with token 0 padded, tokens 1 and 2 of sequence 0 are kept.
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[0, 0] = False
+    out = moe(x, mask)
+    assert (out.y[0, 1:3] != 0).all() and (out.y[0, 3] == 0).all() and out.stats.counts.tolist() == [4, 0]
+
+
+def test_sequence_capacity_with_batch_priority_keeps_the_most_confident_tokens():
+    moe = moekit.MoE(2, 2, 1, 3, router="switch", sequence_capacity=1, batch_prioritized=True)
+    with torch.no_grad():
+        moe.router.w_gate.copy_(torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
+    x = torch.tensor([[[0.5, 0.0], [2.0, 0.0], [1.0, 0.0]]])  # token 1 is the most confident for expert 0
+    out = moe(x)
+    kept = (out.y[0] != 0).any(-1).tolist()
+    assert kept == [False, True, False]
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"shared_experts": -1}, ValueError, "shared_experts=-1"),
+        ({"shared_gate": True}, ValueError, "need shared_experts >= 1"),
+        ({"shared_hidden_dim": 4}, ValueError, "need shared_experts >= 1"),
+        ({"shared_experts": 1, "shared_hidden_dim": 0}, ValueError, "shared_hidden_dim=0"),
+        ({"sequence_capacity": 0}, ValueError, "sequence_capacity=0"),
+        ({"sequence_capacity": 2, "capacity_factor": 1.0}, ValueError, "cannot both be set"),
+        ({"gate_input": "yes"}, TypeError, "gate_input must be a bool"),
+        ({"bias": 0}, TypeError, "bias must be a bool"),
+        ({"activation": "clamped_swiglu", "activation_kwargs": {"limit": -1}}, ValueError, "limit=-1"),
+        ({"activation": "clamped_swiglu", "activation_kwargs": {"beta": 1}}, ValueError, r"\['beta'\]"),
+        ({"activation": "relu", "activation_kwargs": {"alpha": 1}}, ValueError, "do not apply to activation='relu'"),
+    ],
+)
+def test_option_errors_name_the_bad_value(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        moekit.MoE(8, 4, 2, 16, **kwargs)
+
+
+def test_sequence_capacity_needs_sequences():
+    moe = moekit.MoE(8, 4, 2, 16, sequence_capacity=3)
+    with pytest.raises(ValueError, match=r"sequence_capacity=3 needs an input .* got shape \(5, 8\)"):
+        moe(torch.randn(5, 8))

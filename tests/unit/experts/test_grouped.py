@@ -116,18 +116,6 @@ def test_one_group_pads_every_expert_to_the_largest():
     assert plan.groups == [(0, 3, 5, 0)] and plan.rows == 15 and plan.base == [0, 5, 10]
 
 
-def test_auto_backend_choice_on_cpu():
-    from moekit.experts import choose_compute
-
-    x = torch.zeros(1, 4)
-    backend, plan = choose_compute("auto", x, [100] * 8)
-    assert backend == "bmm" and plan.rows == 800
-    assert choose_compute("auto", x, [1] + [0] * 63) == ("loop", None)  # tiny batch: padding would dominate
-    assert choose_compute("loop", x, [100] * 8) == ("loop", None)
-    backend, plan = choose_compute("bmm", x, [1] + [0] * 63)  # forced: padded all the same
-    assert backend == "bmm" and plan.rows >= 1
-
-
 def test_grouped_relu_mlp_equals_the_unfused_layers():
     from moekit.experts.grouped import grouped_relu_mlp
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "routing.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "routing.md"
 
 
 def test_routing_doc_python_blocks_run(capsys):

@@ -1,0 +1,58 @@
+"""The expert bank: its parameters by option, the activations by hand, the backend choice."""
+
+import math
+
+import pytest
+import torch
+
+import moekit
+from moekit.experts import clamped_swiglu
+
+
+def test_default_state_dict_keys_are_unchanged():
+    relu = moekit.MoE(8, 4, 2, 16)
+    assert list(relu.state_dict()) == ["router.w_gate", "router.w_noise", "experts.w1", "experts.b1", "experts.w2",
+                                       "experts.b2"]
+    swiglu = moekit.MoE(8, 4, 2, 16, activation="swiglu")
+    assert list(swiglu.state_dict())[2:] == ["experts.w1", "experts.b1", "experts.w2", "experts.b2", "experts.w3"]
+
+
+def test_bias_false_builds_no_biases_at_all():
+    moe = moekit.MoE(8, 4, 2, 16, bias=False, activation="swiglu")
+    assert moe.experts.b1 is None and moe.experts.b2 is None and moe.experts.b3 is None
+    assert list(moe.state_dict())[2:] == ["experts.w1", "experts.w2", "experts.w3"]
+    # Without biases an all-zero input gives an all-zero output (with them it would not).
+    assert moe(torch.zeros(3, 8)).y.abs().max() == 0
+
+
+def test_clamped_swiglu_has_its_up_bias_and_settings():
+    moe = moekit.MoE(8, 4, 2, 16, activation="clamped_swiglu", activation_kwargs={"limit": 5.0})
+    assert moe.experts.b3.shape == (4, 16) and moe.experts.settings == {"alpha": 1.702, "limit": 5.0}
+    assert "alpha=1.702, limit=5" in repr(moe.experts)
+    assert list(moe.state_dict())[2:] == ["experts.w1", "experts.b1", "experts.w2", "experts.b2", "experts.w3",
+                                          "experts.b3"]
+
+
+def test_clamped_swiglu_values_by_hand():
+    # gate 10 -> clamped to 7, up -9 -> clamped to -7: (-7 + 1) * 7 * sigmoid(1.702 * 7) = -42 * 0.99999...
+    # gate -3 (no lower clamp), up 0.5: 1.5 * -3 * sigmoid(-5.106) = -4.5 * 0.006028
+    gate, up = torch.tensor([10.0, -3.0]), torch.tensor([-9.0, 0.5])
+    out = clamped_swiglu(gate, up, alpha=1.702, limit=7.0)
+    expected = [-42.0 / (1 + math.exp(-1.702 * 7)), -4.5 / (1 + math.exp(1.702 * 3))]
+    assert out.tolist() == pytest.approx(expected, rel=1e-6)
+    # Clamped inputs get no gradient through the clamp.
+    g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    clamped_swiglu(g, u, 1.702, 7.0).sum().backward()
+    assert g.grad[0] == 0 and u.grad[0] == 0 and g.grad[1] != 0 and u.grad[1] != 0
+
+
+def test_auto_backend_choice_on_cpu():
+    from moekit.experts import choose_compute
+
+    x = torch.zeros(1, 4)
+    backend, plan = choose_compute("auto", x, [100] * 8)
+    assert backend == "bmm" and plan.rows == 800
+    assert choose_compute("auto", x, [1] + [0] * 63) == ("loop", None)  # tiny batch: padding would dominate
+    assert choose_compute("loop", x, [100] * 8) == ("loop", None)
+    backend, plan = choose_compute("bmm", x, [1] + [0] * 63)  # forced: padded all the same
+    assert backend == "bmm" and plan.rows >= 1
