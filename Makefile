@@ -12,7 +12,7 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX ?=
 DEB_PACKAGES := bible-kjv sword-text-web dataset-fashion-mnist
 
-.PHONY: setup demo test lint deb-packages clean
+.PHONY: setup demo test lint typecheck wheel-check deb-packages clean
 
 setup: $(STAMP) deb-packages
 
@@ -45,5 +45,22 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
+typecheck: setup
+	$(BIN)/mypy
+
+# The published wheel works outside the source tree: build it, install it into a fresh virtual
+# environment, and run every job's --help and a quick benchmark from another directory.
+WHEEL_DIR := build/wheel-check
+wheel-check: setup
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
+	$(BIN)/python -m pip wheel --no-deps --wheel-dir $(WHEEL_DIR)/dist .
+	$(PYTHON) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/python -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"
+	$(WHEEL_DIR)/venv/bin/python -m pip install $(WHEEL_DIR)/dist/moekit-*.whl
+	cd $(WHEEL_DIR) && for job in $$(venv/bin/python -c "from moekit.cli import JOBS; print(*JOBS)"); do \
+		venv/bin/moekit $$job --help > /dev/null || exit 1; done
+	cd $(WHEEL_DIR) && venv/bin/moekit bench --quick --threads 1 --repeats 1 --out bench > /dev/null
+	@echo "wheel check passed: every job's --help and moekit bench --quick run from the installed wheel"
+
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs build .pytest_cache .ruff_cache .mypy_cache
