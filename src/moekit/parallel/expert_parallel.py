@@ -38,7 +38,14 @@ from torch import nn
 from moekit.dispatch.all_to_all import AllToAllDispatcher
 from moekit.layer import MoE
 from moekit.parallel.groups import ProcessGroupShards, check_same_config
-from moekit.parallel.mesh import MeshLayout, build_mesh, device_type_of, is_reduced_in_backward, set_layout
+from moekit.parallel.mesh import (
+    MeshLayout,
+    build_mesh,
+    device_type_of,
+    find_layout,
+    is_reduced_in_backward,
+    set_layout,
+)
 
 EXPERT_WEIGHTS = ("w1", "b1", "w2", "b2", "w3")
 _SAME = object()  # apply_expert_parallel's batch_group default: the expert-parallel group
@@ -128,8 +135,11 @@ def parallelize(model: nn.Module, ep_size: int | None = None, fsdp: bool = False
     one. Parameters become DTensors; see ``moekit.parallel.fsdp``.
 
     Build the optimizer after this call: the parameters are replaced by their local slices.
+    A model is parallelized once (``ValueError`` otherwise).
     """
     _require_initialized()
+    if find_layout(model) is not None:
+        raise ValueError("this model is already parallelized")
     if ep_size is not None or fsdp or units is not None:
         if group is not None and group is not dist.group.WORLD:
             raise ValueError("parallelize(ep_size=..., fsdp=..., units=...) lays out every rank of the default "

@@ -15,10 +15,11 @@ What ``parallelize(model, ep_size=P, fsdp=...)`` builds (see ``moekit.parallel.m
   reduce-scatters their gradients as each unit's backward ends; with ``fsdp=False``, ``replicate``
   (FSDP2's data-parallel mode) keeps them whole and all-reduces. ``sync_gradients`` is not needed
   (it does nothing on such a model).
-- Units (one all-gather and one reduction each): every MoE layer's expert bank, the modules passed
-  as ``units`` (e.g. the blocks of a transformer), and the root with everything left. A unit's
-  gradients are reduced as soon as its backward is done, while the backward of the units before it
-  runs: the overlap DDP gets from its buckets.
+- Units, each gathered (FSDP) and reduced with one collective at a time: every MoE layer's expert
+  bank, the modules passed as ``units`` (e.g. the blocks of a transformer), and the root with
+  everything left. A unit's gradients are reduced as soon as its backward is done, while the
+  backward of the units before it runs: the overlap DDP gets from its buckets (on GPUs, where the
+  reductions run on their own stream; gloo's block the backward).
 
 Gradient scale. Each rank's objective is the mean loss over its own rows; the model is trained on
 the mean over the W ranks. A dense gradient is therefore the mean over W (FSDP's default). An
@@ -50,14 +51,13 @@ def _wrappers():
         from torch.distributed._composable.replicate_with_fsdp import replicate
         from torch.distributed.fsdp import fully_shard
     except ImportError as e:  # pragma: no cover - depends on the installed torch
-        raise RuntimeError(f"parallelize(ep_size=..., fsdp=...) needs FSDP2 and its replicate mode "
-                           f"(torch >= 2.9; this is torch {torch.__version__}): {e}") from e
+        raise RuntimeError(f"parallelize(ep_size=..., fsdp=...) needs FSDP2's fully_shard and replicate "
+                           f"(torch.distributed._composable.replicate_with_fsdp, as in torch 2.13; this is torch "
+                           f"{torch.__version__}): {e}") from e
     return fully_shard, replicate
 
 
-def _check_model(model: nn.Module, layers: list[MoE], ep: int) -> None:
-    if getattr(model, "_moekit_layout", None) is not None:
-        raise ValueError("this model is already parallelized")
+def _check_model(layers: list[MoE], ep: int) -> None:
     for layer in layers:
         if layer.num_experts % ep:
             raise ValueError(f"num_experts={layer.num_experts} is not divisible by ep_size={ep}")
@@ -93,7 +93,7 @@ def parallelize_on_mesh(model: nn.Module, ep_size: int | None, fsdp: bool, extra
     if not isinstance(fsdp, bool):
         raise TypeError(f"fsdp={fsdp!r} must be a bool")
     layers = [m for m in model.modules() if isinstance(m, MoE)]
-    _check_model(model, layers, ep)
+    _check_model(layers, ep)
     ordered = _ordered_units(model, layers, units)  # checked before anything changes
     fully_shard, replicate = _wrappers()
     check_same_config(model, None, {**(extra_config or {}), "moekit.ep_size": ep, "moekit.fsdp": fsdp})
@@ -151,10 +151,10 @@ def _counted_here(t: torch.Tensor) -> bool:
 def mesh_grad_norm(model: nn.Module) -> torch.Tensor:
     """The L2 norm of the whole model's gradient (every shard, every expert), on every rank: one all-reduce."""
     layout_of(model)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cpu")
+    first = next(model.parameters(), None)
+    device = torch.device("cpu") if first is None else first.device
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for g in grads:
+    for g in [p.grad for p in model.parameters() if p.grad is not None]:
         if _counted_here(g):
             local = g.to_local() if isinstance(g, DTensor) else g
             total += local.double().pow(2).sum()

@@ -85,9 +85,14 @@ def set_layout(model: nn.Module, layout: MeshLayout) -> None:
     setattr(model, _LAYOUT_ATTR, layout)
 
 
+def find_layout(model: nn.Module) -> MeshLayout | None:
+    """The ``MeshLayout`` that ``moekit.parallel.parallelize`` gave ``model``, or None."""
+    return getattr(model, _LAYOUT_ATTR, None)
+
+
 def layout_of(model: nn.Module) -> MeshLayout:
     """The ``MeshLayout`` that ``moekit.parallel.parallelize`` gave ``model``; ``ValueError`` if none."""
-    layout = getattr(model, _LAYOUT_ATTR, None)
+    layout = find_layout(model)
     if layout is None:
         raise ValueError(f"{type(model).__name__} was not parallelized: call moekit.parallel.parallelize(model, ...)")
     return layout
@@ -105,5 +110,5 @@ def mesh_of(model: nn.Module) -> DeviceMesh:
 
 def is_reduced_in_backward(model: nn.Module) -> bool:
     """True for a model whose gradients ``backward`` reduces itself (FSDP2 / ``replicate``)."""
-    layout = getattr(model, _LAYOUT_ATTR, None)
+    layout = find_layout(model)
     return layout is not None and layout.reduces_in_backward
