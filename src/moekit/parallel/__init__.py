@@ -1,6 +1,8 @@
-"""Scale out over torch.distributed: expert parallelism mixed with data parallelism, and checkpoints
-that move between world sizes. Layers stay single-device code; this package swaps their
-dispatcher, slices their experts and points their statistics at the whole sharded batch.
+"""Scale out over torch.distributed: expert parallelism mixed with data parallelism (hand-written, or
+FSDP2 / ``replicate`` on a ("dp", "ep") device mesh), and checkpoints that move between layouts.
+Layers stay single-device code; this package swaps their dispatcher, slices their experts and
+points their statistics at the whole sharded batch. ``ParallelTraining`` (``moekit.parallel.training``)
+is what a training loop calls.
 """
 
 from moekit.parallel.expert_parallel import (
@@ -20,11 +22,16 @@ from moekit.parallel.groups import (
     init_distributed,
 )
 from moekit.parallel.launch import spawn_local
+from moekit.parallel.mesh import MeshLayout, build_mesh, layout_of, mesh_of
+from moekit.parallel.training import ParallelTraining
 
 __all__ = [
     "DistInfo",
+    "MeshLayout",
+    "ParallelTraining",
     "ProcessGroupShards",
     "apply_expert_parallel",
+    "build_mesh",
     "check_same_config",
     "checkpoint_state",
     "clip_grad_norm_",
@@ -35,9 +42,11 @@ __all__ = [
     "full_state_dict",
     "grad_norm",
     "init_distributed",
+    "layout_of",
     "load_distributed",
     "load_full_optimizer_state_dict",
     "load_full_state_dict",
+    "mesh_of",
     "parallelize",
     "save_distributed",
     "spawn_local",

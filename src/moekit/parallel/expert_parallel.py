@@ -20,6 +20,11 @@ parameters excluded and rescaled by hand anyway, would wrap the model (renaming 
 state-dict key, so checkpoints would differ from single-process ones), and would need
 ``find_unused_parameters`` for routers whose noise weights are unused in some steps. One flat
 all-reduce per dtype after ``backward`` is simple and equally fast at these sizes.
+
+That is today's layout, ``parallelize(model)``: experts sharded over every rank, everything else
+replicated. ``parallelize(model, ep_size=P, fsdp=...)`` builds the ("dp", "ep") mesh layout
+instead (``moekit.parallel.fsdp``): expert parallelism inside groups of P ranks, FSDP2 or
+``replicate`` for the data parallelism, gradients reduced during ``backward``.
 """
 
 from __future__ import annotations
@@ -33,8 +38,17 @@ from torch import nn
 from moekit.dispatch.all_to_all import AllToAllDispatcher
 from moekit.layer import MoE
 from moekit.parallel.groups import ProcessGroupShards, check_same_config
+from moekit.parallel.mesh import (
+    MeshLayout,
+    build_mesh,
+    device_type_of,
+    find_layout,
+    is_reduced_in_backward,
+    set_layout,
+)
 
 EXPERT_WEIGHTS = ("w1", "b1", "w2", "b2", "w3", "b3")
+_SAME = object()  # apply_expert_parallel's batch_group default: the expert-parallel group
 
 
 def _require_initialized() -> None:
@@ -43,12 +57,14 @@ def _require_initialized() -> None:
                            "moekit.parallel.init_distributed(device) (under torchrun) first")
 
 
-def apply_expert_parallel(moe: MoE, group=None) -> MoE:
+def apply_expert_parallel(moe: MoE, group=None, batch_group=_SAME) -> MoE:
     """Shard ``moe``'s experts over ``group``: rank r keeps experts [r*L, (r+1)*L), L = E/W.
 
     The expert weights are sliced in place to the local block, the dispatcher becomes an
     all-to-all one, and the router and the layer see the whole (sharded) batch for their
-    statistics and capacity. Raises ``ValueError`` when E is not divisible by W.
+    statistics and capacity: the batches of the ranks of ``batch_group`` (by default ``group``;
+    None: the default group, as the ("dp", "ep") mesh layout uses it, the all-to-all then running
+    inside ``group`` only). Raises ``ValueError`` when E is not divisible by W.
     """
     _require_initialized()
     if not isinstance(moe, MoE):
@@ -68,7 +84,7 @@ def apply_expert_parallel(moe: MoE, group=None) -> MoE:
             setattr(experts, name, local)
     experts.num_experts = hi - lo
     moe.dispatcher = dispatcher
-    moe.shards = moe.router.shards = ProcessGroupShards(group)
+    moe.shards = moe.router.shards = ProcessGroupShards(group if batch_group is _SAME else batch_group)
     return moe
 
 
@@ -91,10 +107,16 @@ def _src_rank(group) -> int:
     return 0 if group is None else dist.get_global_rank(group, 0)
 
 
-def parallelize(model: nn.Module, group=None, extra_config: dict | None = None) -> nn.Module:
+def parallelize(model: nn.Module, ep_size: int | None = None, fsdp: bool = False, *, group=None,
+                extra_config: dict | None = None, units=None) -> nn.Module:
     """Expert parallelism for every MoE layer of ``model`` (``HierarchicalMoE`` included), data
     parallelism for the rest (the whole model, when it has no MoE layer). Returns ``model``,
-    changed in place.
+    changed in place; its layout is ``moekit.parallel.layout_of(model)``, its ("dp", "ep") device
+    mesh ``moekit.parallel.mesh_of(model)``.
+
+    Today's layout (``ep_size`` and ``units`` None, ``fsdp=False``): the experts are sharded over
+    every rank of ``group`` (E % W == 0), everything else is replicated, and ``sync_gradients(model)``
+    must be called after each ``backward``. The mesh is (1, W) (none when ``group`` is a sub-group).
 
     1. Checks that every rank built the same model (and the same ``extra_config``, e.g. a job's
        settings): a ``ValueError`` naming the first difference otherwise.
@@ -103,10 +125,28 @@ def parallelize(model: nn.Module, group=None, extra_config: dict | None = None) 
        a checkpoint after).
     3. Shards each MoE layer's experts (``apply_expert_parallel``).
 
-    Build the optimizer after this call: the expert parameters are replaced by their local slice.
-    Call ``sync_gradients(model)`` after each ``backward``.
+    The mesh layout (``ep_size`` given, or ``fsdp=True``, or ``units``; the whole world, ``group``
+    None): W/ep_size replicas of an expert-parallel group of ``ep_size`` ranks, experts sharded
+    inside each group (E % ep_size == 0) and replicated across groups; with ``fsdp=True`` the dense
+    parameters are sharded over all W ranks and each expert block over its replicas (FSDP2), with
+    ``fsdp=False`` they are replicated (``replicate``). Gradients are reduced during ``backward``:
+    ``sync_gradients`` does nothing on such a model. ``units``: submodules (e.g. transformer blocks)
+    that get their own FSDP unit, for memory and overlap; each MoE layer's expert bank always has
+    one. Parameters become DTensors; see ``moekit.parallel.fsdp``.
+
+    Build the optimizer after this call: the parameters are replaced by their local slices.
+    A model is parallelized once (``ValueError`` otherwise).
     """
     _require_initialized()
+    if find_layout(model) is not None:
+        raise ValueError("this model is already parallelized")
+    if ep_size is not None or fsdp or units is not None:
+        if group is not None and group is not dist.group.WORLD:
+            raise ValueError("parallelize(ep_size=..., fsdp=..., units=...) lays out every rank of the default "
+                             "group: leave group=None")
+        from moekit.parallel.fsdp import parallelize_on_mesh
+
+        return parallelize_on_mesh(model, ep_size, fsdp, extra_config, units)
     check_same_config(model, group, extra_config)
     src = _src_rank(group)
     with torch.no_grad():
@@ -117,6 +157,11 @@ def parallelize(model: nn.Module, group=None, extra_config: dict | None = None) 
     # dense baselines runs them all the same way.
     for layer in [m for m in model.modules() if isinstance(m, MoE)]:
         apply_expert_parallel(layer, group)
+    world = dist.get_world_size(group)
+    mesh = None
+    if group is None or group is dist.group.WORLD:
+        mesh = build_mesh(world, device_type_of(model))
+    set_layout(model, MeshLayout(mesh, 1, world, False, False))
     return model
 
 
@@ -135,8 +180,13 @@ def sync_gradients(model: nn.Module, group=None) -> None:
     A parameter that has a gradient on some rank gets one on every rank (zeros stand in for the
     missing ones); a parameter without a gradient anywhere keeps ``grad = None``, as an optimizer
     that skips unused parameters expects.
+
+    Does nothing on a model of the mesh layout (``parallelize(model, ep_size=..., fsdp=...)``),
+    whose gradients ``backward`` has reduced already: a loop may call it whatever the layout.
     """
     _require_initialized()
+    if is_reduced_in_backward(model):
+        return  # FSDP2 / replicate reduced every gradient during backward
     world = dist.get_world_size(group)
     replicated, experts = _split_parameters(model)
     by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
@@ -157,8 +207,13 @@ def sync_gradients(model: nn.Module, group=None) -> None:
 
 
 def grad_norm(model: nn.Module, group=None) -> torch.Tensor:
-    """The L2 norm of all gradients of the whole (sharded) model; call after ``sync_gradients``."""
+    """The L2 norm of all gradients of the whole (sharded) model, on every rank; call after
+    ``sync_gradients``. On the mesh layout: over every shard of the mesh (``group`` unused)."""
     _require_initialized()
+    if is_reduced_in_backward(model):
+        from moekit.parallel.fsdp import mesh_grad_norm
+
+        return mesh_grad_norm(model)
     replicated, experts = _split_parameters(model)
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -173,11 +228,16 @@ def grad_norm(model: nn.Module, group=None) -> torch.Tensor:
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, group=None) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for an expert-parallel model; returns the norm before clipping."""
+    """``torch.nn.utils.clip_grad_norm_`` for a parallelized model (any layout); returns the norm before clipping."""
     if not max_norm > 0 or math.isinf(max_norm):
         raise ValueError(f"max_norm={max_norm} must be a positive finite number")
     norm = grad_norm(model, group)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    if is_reduced_in_backward(model):
+        from moekit.parallel.fsdp import scale_grads_
+
+        scale_grads_(model, scale)  # each rank scales its own shards
+        return norm
     for p in model.parameters():
         if p.grad is not None:
             p.grad.mul_(scale.to(p.grad.dtype))

@@ -62,8 +62,10 @@ def init_distributed(device: str | torch.device = "cpu", timeout_s: float = DEFA
     return DistInfo(rank, world_size, local_rank, device)
 
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_to_all_single", "broadcast", "reduce_scatter",
-               "all_gather_into_tensor", "reduce_scatter_tensor")
+# The last two are what FSDP2 calls in torch 2.13; a torch without them skips them.
+COLLECTIVES = tuple(name for name in ("all_reduce", "all_gather", "all_to_all_single", "broadcast", "reduce_scatter",
+                                      "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_single",
+                                      "reduce_scatter_single") if hasattr(dist, name))
 
 
 @contextlib.contextmanager
@@ -72,7 +74,7 @@ def counting_collectives() -> Iterator[collections.Counter]:
 
     A diagnostic: at small batches each collective costs about one network round trip whatever its
     size, so their number is an expert-parallel step's fixed latency. Counts calls made through the
-    ``torch.distributed`` module (as moekit makes them), on this rank.
+    ``torch.distributed`` module (as moekit and FSDP2 make them), on this rank.
     """
     counts: collections.Counter = collections.Counter()
     originals = {name: getattr(dist, name) for name in COLLECTIVES}
