@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+# The spawned ranks import this script's worker by module name: its folder must be on their path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import machine_tag, results_path, write_json  # noqa: E402
 
+from moekit.bench.timing import machine_tag, results_path, write_json  # noqa: E402
 from moekit.models.lstm_lm import LSTMLM, LSTMLMConfig  # noqa: E402
 from moekit.parallel import ParallelTraining, counting_collectives, spawn_local  # noqa: E402
 from moekit.parallel.groups import COLLECTIVES  # noqa: E402
