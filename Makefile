@@ -40,6 +40,7 @@ demo: setup
 	$(BIN)/moekit demo --out runs/demo --resume
 
 test: setup
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: setup

@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.dispatch import LocalDispatcher, capacity_keep, expert_capacity
+from moekit.dispatch import Dispatcher, LocalDispatcher, capacity_keep, expert_capacity
 from moekit.experts import Experts, SharedExperts
 from moekit.routing import build_router
 from moekit.routing.hierarchical import HierarchicalRouter
 from moekit.routing.losses import hard_counts
-from moekit.shards import LOCAL_SHARDS
+from moekit.shards import LOCAL_SHARDS, BatchShards
 from moekit.types import MoEOutput, Routing
 
 
@@ -179,9 +179,9 @@ class MoE(nn.Module):
             width = shared_experts * (hidden_dim if shared_hidden_dim is None else shared_hidden_dim)
             self.shared = SharedExperts(dim, width, activation, gate=shared_gate, **expert_kw)
         # Swapped for an all-to-all dispatcher by moekit.parallel; the layer itself stays single-device.
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher: Dispatcher = LocalDispatcher()
         # The whole batch that capacity and stats cover (the router holds the same); see moekit.shards.
-        self.shards = LOCAL_SHARDS
+        self.shards: BatchShards = LOCAL_SHARDS
 
     def route(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None) -> Routing:
         """Run the router in float32 (outside autocast: top-k and CV^2 are precision-sensitive)."""

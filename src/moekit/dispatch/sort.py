@@ -9,7 +9,7 @@ a sentinel id E and sorted last, then cut off: they are never computed.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -48,6 +48,14 @@ def combine(h_ND: torch.Tensor, perm: Permutation, weights_TK: torch.Tensor, num
     w_N1 = weights_TK.reshape(-1)[perm.slot_ids_N].to(h_ND.dtype)[:, None]
     y_TD = h_ND.new_zeros(num_tokens, h_ND.shape[-1])
     return y_TD.index_add(0, perm.token_ids_N, h_ND * w_N1)
+
+
+class Dispatcher(Protocol):
+    """Moves each routed slot to its expert and combines the outputs: ``y_TD`` from ``x_TD`` [T, D],
+    ``indices_TK``/``weights_TK`` [T, K] and the expert bank (``moekit.experts.Experts``)."""
+
+    def __call__(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
+                 experts) -> torch.Tensor: ...
 
 
 class LocalDispatcher:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from moekit.parallel.expert_parallel import expert_parallel_layers
+from moekit.parallel.expert_parallel import all_to_all_of, expert_parallel_layers
 
 
 def _distributed() -> bool:
@@ -69,11 +69,12 @@ def _expert_blocks(model: nn.Module) -> dict[int, _Block]:
     """id(expert parameter) -> its ``_Block``."""
     blocks = {}
     for layer_name, layer in expert_parallel_layers(model):
-        lo = layer.dispatcher.first_expert
-        hi = lo + layer.dispatcher.local_experts
+        dispatcher = all_to_all_of(layer)
+        lo = dispatcher.first_expert
+        hi = lo + dispatcher.local_experts
         prefix = f"{layer_name}.experts." if layer_name else "experts."
         for name, p in layer.experts.named_parameters():
-            blocks[id(p)] = _Block(prefix + name, lo, hi, layer.num_experts, layer.dispatcher.group)
+            blocks[id(p)] = _Block(prefix + name, lo, hi, layer.num_experts, dispatcher.group)
     return blocks
 
 
@@ -132,11 +133,11 @@ def _checkpoint_state(model: nn.Module, optimizer) -> tuple[dict, list[tuple[str
         # This rank's [L, ...] block as a DTensor sharded on dim 0 over the "ep" group: DCP then
         # records the global [E, ...] shape and the block's offset (lo). The replicas of a block
         # ("dp") write the same item, which DCP keeps once.
-        group = block.group or dist.group.WORLD
+        group = cast(dist.ProcessGroup, block.group or dist.group.WORLD)
         mesh = meshes.setdefault(id(group), DeviceMesh.from_group(group, device_type))
         return DTensor.from_local(_whole(value), mesh, [Shard(0)], run_check=False)
 
-    paths = []
+    paths: list[tuple[str, ...]] = []
     for name in sorted(blocks):  # the same order on every rank: _whole may be a collective
         state["model"][name] = as_global(state["model"][name], blocks[name])
         paths.append(("model", name))

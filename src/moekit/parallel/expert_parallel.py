@@ -84,7 +84,8 @@ def apply_expert_parallel(moe: MoE, group=None, batch_group=_SAME) -> MoE:
             setattr(experts, name, local)
     experts.num_experts = hi - lo
     moe.dispatcher = dispatcher
-    moe.shards = moe.router.shards = ProcessGroupShards(group if batch_group is _SAME else batch_group)
+    moe.shards = ProcessGroupShards(group if batch_group is _SAME else batch_group)
+    setattr(moe.router, "shards", moe.shards)  # noqa: B010 - any router module with a `shards` attribute
     return moe
 
 
@@ -94,9 +95,16 @@ def expert_parallel_layers(model: nn.Module) -> list[tuple[str, MoE]]:
             if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllDispatcher)]
 
 
+def all_to_all_of(layer: MoE) -> AllToAllDispatcher:
+    """The all-to-all dispatcher of an expert-parallel layer (``TypeError`` for a local one)."""
+    if not isinstance(layer.dispatcher, AllToAllDispatcher):
+        raise TypeError(f"layer {layer!r} is not expert-parallel")
+    return layer.dispatcher
+
+
 def expert_parameter_names(model: nn.Module) -> set[str]:
     """Names (as in ``model.named_parameters()``) of the sharded expert weights."""
-    names = set()
+    names: set[str] = set()
     for layer_name, layer in expert_parallel_layers(model):
         prefix = f"{layer_name}.experts." if layer_name else "experts."
         names.update(prefix + n for n, _ in layer.experts.named_parameters())
@@ -167,7 +175,8 @@ def parallelize(model: nn.Module, ep_size: int | None = None, fsdp: bool = False
 
 def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     expert_names = expert_parameter_names(model)
-    replicated, experts = [], []
+    replicated: list[nn.Parameter] = []
+    experts: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (experts if name in expert_names else replicated).append(p)

@@ -33,6 +33,7 @@ the batches.
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -107,8 +108,9 @@ def parallelize_on_mesh(model: nn.Module, ep_size: int | None, fsdp: bool, extra
         if ep > 1:
             apply_expert_parallel(layer, mesh["ep"].get_group(), batch_group=None)
         else:  # every rank holds every expert: local dispatch, statistics still over the world
-            layer.shards = layer.router.shards = ProcessGroupShards(None)
-    world_mesh = DeviceMesh.from_group(dist.group.WORLD, device_type)
+            layer.shards = ProcessGroupShards(None)
+            setattr(layer.router, "shards", layer.shards)  # noqa: B010 - any router module with `shards`
+    world_mesh = DeviceMesh.from_group(cast(dist.ProcessGroup, dist.group.WORLD), device_type)
     wrap = fully_shard if fsdp else replicate
     banks = {id(layer.experts) for layer in layers}
     for unit in ordered:

@@ -10,7 +10,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -51,7 +51,7 @@ def init_distributed(device: str | torch.device = "cpu", timeout_s: float = DEFA
     local_rank = int(os.environ["LOCAL_RANK"])
     if dist.is_initialized():
         raise RuntimeError("init_distributed was called twice: the default process group already exists")
-    kwargs = {"timeout": timedelta(seconds=timeout_s)}
+    kwargs: dict[str, Any] = {"timeout": timedelta(seconds=timeout_s)}
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible")
@@ -176,11 +176,13 @@ def check_same_config(model: nn.Module, group=None, extra: dict | None = None) -
     start-up: ranks with different shapes would otherwise fail later inside a collective, or
     worse, not fail at all.
     """
-    lines = describe_model(model) + [f"extra {k}={extra[k]!r}" for k in sorted(extra or {})]
+    extra = extra or {}
+    lines = describe_model(model) + [f"extra {k}={extra[k]!r}" for k in sorted(extra)]
     everyone: list[list[str] | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, lines, group=group)
-    reference = everyone[0]
-    for rank, other in enumerate(everyone):
+    gathered = cast(list[list[str]], everyone)  # every rank filled its entry
+    reference = gathered[0]
+    for rank, other in enumerate(gathered):
         if other == reference:
             continue
         for i in range(max(len(reference), len(other))):

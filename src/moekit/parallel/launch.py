@@ -61,7 +61,8 @@ def spawn_local(fn: Callable, world_size: int, args: tuple = (), timeout_s: floa
         for r in hung:
             procs[r].kill()
             procs[r].join()
-        results, errors = [], []
+        results: list[Any] = []
+        errors: list[str] = []
         for r in range(world_size):
             path = Path(tmp, f"rank{r}.pkl")
             if r in hung:
