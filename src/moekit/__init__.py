@@ -23,6 +23,7 @@ from moekit.routing import (
     routers,
 )
 from moekit.routing.hierarchical import HierarchicalRouter
+from moekit.safetensors_io import export_checkpoint, load_safetensors, save_safetensors
 from moekit.soft_moe import SoftMoE
 from moekit.types import MoEOutput, Routing, RoutingStats
 from moekit.upcycle import upcycle
@@ -47,10 +48,13 @@ __all__ = [
     "__version__",
     "build_router",
     "ensemble",
+    "export_checkpoint",
     "hf",
+    "load_safetensors",
     "reference",
     "register_router",
     "routers",
+    "save_safetensors",
     "update_expert_bias",
     "upcycle",
 ]
