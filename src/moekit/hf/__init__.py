@@ -4,6 +4,8 @@
   computes, with the block's call and return type; ``to_hf(module, block)`` writes its weights back.
 - ``replace_moe_blocks(model)`` / ``restore_moe_blocks(model)`` / ``restored(model)``: every sparse
   MoE block of a model swapped for moekit's and back (for ``save_pretrained``).
+- ``experts_implementation="moekit"``: moekit's expert compute inside an unmodified model
+  (registered on import; ``register_experts_backend``).
 
 Importing this package checks that transformers is installed in a supported version
 (``moekit.hf._compat``); ``import moekit`` alone never imports transformers.
@@ -15,13 +17,17 @@ require_transformers()
 
 from moekit.hf.block import MoEBlock  # noqa: E402
 from moekit.hf.convert import from_hf, replace_moe_blocks, restore_moe_blocks, restored, to_hf  # noqa: E402
+from moekit.hf.experts_backend import register_experts_backend  # noqa: E402
 from moekit.hf.families import supported_blocks  # noqa: E402
+
+register_experts_backend()
 
 __all__ = [
     "TESTED_VERSION",
     "MoEBlock",
     "UnsupportedTransformersError",
     "from_hf",
+    "register_experts_backend",
     "replace_moe_blocks",
     "restore_moe_blocks",
     "restored",
