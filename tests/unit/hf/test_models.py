@@ -155,3 +155,15 @@ def test_float64(pair):
     hm.assert_close(got.logits, want.logits, rel=1e-6)
     for g, w in zip(hm.router_logits(got, family), hm.router_logits(want, family), strict=True):
         hm.assert_close(g.double(), w.double(), rel=1e-6)
+
+
+def test_bfloat16(pair):
+    """In bfloat16 the replacement runs in the model's dtype and agrees to bfloat16 rounding."""
+    family, original, replaced, _ = pair
+    original16, replaced16 = copy.deepcopy(original).bfloat16(), copy.deepcopy(replaced).bfloat16()
+    ids, mask, labels = hm.batch(family, seed=6)
+    with torch.no_grad():
+        want = hm.run(original16, family, ids, mask, labels)
+        got = hm.run(replaced16, family, ids, mask, labels)
+    assert got.logits.dtype == torch.bfloat16
+    assert abs(got.loss.item() - want.loss.item()) < 0.01 * want.loss.item()
