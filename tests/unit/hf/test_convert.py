@@ -153,7 +153,7 @@ def test_router_logits_are_collected_whenever_the_models_hooks_were_installed(ho
     assert _count_router_logits(model, "mixtral") == 2
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "switch_transformers"])
+@pytest.mark.parametrize("family", list(hm.FAMILIES))
 def test_trained_weights_survive_save_pretrained_and_from_pretrained(family, tmp_path):
     model = hm.build(family)
     replace_moe_blocks(model)
