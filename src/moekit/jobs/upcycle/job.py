@@ -81,7 +81,8 @@ def dense_model(cfg: UpcycleConfig, vocab: Vocab, device: torch.device) -> nn.Mo
 
 
 def upcycled_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if type(m).__name__ == "UpcycledMLP"]
+    """The model's upcycled MLPs (``moekit.hf.UpcycledMLP``), in layer order."""
+    return [m for m in model.modules() if isinstance(m, require_hf().UpcycledMLP)]
 
 
 class EvalResult(NamedTuple):
