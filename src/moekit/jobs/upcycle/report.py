@@ -65,25 +65,29 @@ def summary_table(metrics: dict[str, Any]) -> str:
 
 
 def plot_valid_ppl(path: Path, runs: dict[str, dict[str, Any]], cfg: UpcycleConfig) -> Path:
-    """Validation perplexity against the step: the dense run, then both continuations from its end."""
-    fig = Figure(figsize=(7.0, 4.2))
-    ax = fig.add_subplot()
-    dense = runs["dense"]["history"]
-    start = (cfg.dense_steps, dense["valid_ppl"][-1])
+    """Validation perplexity against the step: the whole run (left, log scale), and the two
+    continuations from the dense model's end, side by side (right)."""
+    fig = Figure(figsize=(10.0, 4.2))
+    whole, zoom = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    start = (cfg.dense_steps, runs["dense"]["history"]["valid_ppl"][-1])
     for name, r in runs.items():
         h = r["history"]
         steps = [r["first_step"] + s for s in h.get("valid_step", [])]
         ppl = list(h.get("valid_ppl", []))
         if name != "dense":  # every continuation starts where the dense run ended
             steps, ppl = [start[0], *steps], [start[1], *ppl]
-        ax.plot(steps, ppl, "o-", markersize=3, color=COLORS[name], label=name)
-    ax.axvline(cfg.dense_steps, color="black", linestyle=":", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("training step (both continuations from the dense model at the dotted line)")
-    ax.set_ylabel(f"validation perplexity ({cfg.eval_tokens:,} tokens)")
-    ax.set_title(f"sparse upcycling: {cfg.num_experts} experts, k={cfg.k}, vs continuing dense")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+            zoom.plot(steps, ppl, "o-", markersize=3, color=COLORS[name], label=name)
+        whole.plot(steps, ppl, "o-", markersize=3, color=COLORS[name], label=name)
+    whole.axvline(cfg.dense_steps, color="black", linestyle=":", linewidth=0.8)
+    whole.set_yscale("log")
+    whole.set_xlabel("training step (the continuations start at the dotted line)")
+    whole.set_ylabel(f"validation perplexity ({cfg.eval_tokens:,} tokens)")
+    zoom.set_xlabel("training step")
+    zoom.set_title(f"the continuations: {cfg.continue_steps} steps each")
+    whole.set_title(f"sparse upcycling ({cfg.num_experts} experts, k={cfg.k}) vs continuing dense")
+    for ax in (whole, zoom):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
     return plots.save_figure(fig, path)
 
 
@@ -119,6 +123,9 @@ steps to the dense schedule's rate, and see the same batches. Batches of {cfg.ba
 
 ![validation perplexity](valid_ppl.png)
 
+The table's perplexities are on the whole validation and test splits; the curve's points, taken
+during training, on the first {cfg.eval_tokens:,} validation tokens.
+
 Expert load of the upcycled model on the validation pass (max load over the even share, and
 experts with no token), per layer:
 
@@ -126,8 +133,8 @@ experts with no token), per layer:
 |---:|---:|---:|
 {load_rows}
 
-Reproduce: `{metrics["command"]}` ({metrics["environment"]["device"]},
-{metrics["environment"]["torch_threads"]} threads).
+Reproduce: `{metrics["command"]}` (this run: {metrics["environment"]["device"]},
+{metrics["environment"]["torch_threads"]} torch thread(s)).
 
 ## Files
 
