@@ -20,6 +20,7 @@ Qwen, Mistral: SwiGLU). This module does not import transformers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -30,7 +31,8 @@ from moekit.experts import Experts, SharedExperts
 from moekit.layer import MoE
 
 _PROBE = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64)
-_FUNCTIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
+_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "relu": F.relu,
+                                                                  "gelu": F.gelu}
 # Set by the dense FFN, not by the caller.
 _FROM_FFN = ("dim", "hidden_dim", "activation", "activation_kwargs", "bias", "device", "dtype")
 
@@ -81,7 +83,7 @@ def _from_sequential(mlp: nn.Sequential) -> DenseFFN:
     return DenseFFN(w1, b1, w2, b2, None, None, activation_name(layers[1], "the FFN"), {})
 
 
-def _from_gated(mlp: nn.Module) -> DenseFFN:
+def _from_gated(mlp: Any) -> DenseFFN:
     act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
     if activation_name(act, f"{type(mlp).__name__}") != "silu":
         raise ValueError(f"{type(mlp).__name__}: a gated MLP needs a SiLU gate (SwiGLU) to become moekit experts")
@@ -92,18 +94,23 @@ def _from_gated(mlp: nn.Module) -> DenseFFN:
     return DenseFFN(w1, b1, w2, b2, w3, None, "swiglu", {})
 
 
+def _dense_ffn(ws: list[torch.Tensor | None], activation: str, settings: dict[str, float]) -> DenseFFN:
+    w1, b1, w2, b2, w3, b3 = (None if w is None else w.detach() for w in ws)
+    assert w1 is not None and w2 is not None  # every FFN of moekit has both projections
+    return DenseFFN(w1, b1, w2, b2, w3, b3, activation, dict(settings))
+
+
 def dense_weights(mlp: nn.Module) -> DenseFFN:
     """The weights of a dense FFN of a kind ``upcycle`` accepts (see the module docstring)."""
     if isinstance(mlp, SharedExperts):
         if mlp.w_gate is not None:
             raise ValueError("a gated SharedExperts (sigmoid(x . w) * FFN(x)) is not a plain FFN")
-        ws = [None if w is None else w.detach() for w in (mlp.w1, mlp.b1, mlp.w2, mlp.b2, mlp.w3, mlp.b3)]
-        return DenseFFN(*ws, mlp.activation, dict(mlp.settings))  # type: ignore[arg-type]
+        return _dense_ffn([mlp.w1, mlp.b1, mlp.w2, mlp.b2, mlp.w3, mlp.b3], mlp.activation, mlp.settings)
     if isinstance(mlp, Experts):
         if mlp.num_experts != 1:
             raise ValueError(f"an Experts bank of {mlp.num_experts} experts is not one dense FFN")
-        ws = [None if w is None else w.detach()[0] for w in (mlp.w1, mlp.b1, mlp.w2, mlp.b2, mlp.w3, mlp.b3)]
-        return DenseFFN(*ws, mlp.activation, dict(mlp.settings))  # type: ignore[arg-type]
+        return _dense_ffn([None if w is None else w[0] for w in (mlp.w1, mlp.b1, mlp.w2, mlp.b2, mlp.w3, mlp.b3)],
+                          mlp.activation, mlp.settings)
     if isinstance(mlp, nn.Sequential):
         return _from_sequential(mlp)
     if all(isinstance(getattr(mlp, name, None), nn.Linear) for name in ("gate_proj", "up_proj", "down_proj")):

@@ -66,7 +66,7 @@ class MoEBlock(nn.Module):
 
     def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """[T, E] float32: the logits the layer's router routes on."""
-        router = self.moe.router
+        router: Any = self.moe.router
         if hasattr(router, "logits"):
             return router.logits(x_TD)
         return x_TD.float() @ router.w_gate.float()  # the switch router

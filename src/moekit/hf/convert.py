@@ -180,7 +180,7 @@ def _put_back(model: nn.Module) -> list[tuple[str, MoEBlock, nn.Module]]:
         to_hf(module, block)
         block.train(module.training)
         owner = _owner(model, name)
-        if _hooks_installed(owner) and not module.__dict__["_skeleton_hooked"]:
+        if owner is not None and _hooks_installed(owner) and not module.__dict__["_skeleton_hooked"]:
             _hook_router(owner, block)
             module.__dict__["_skeleton_hooked"] = True
         _set_submodule(model, name, block)

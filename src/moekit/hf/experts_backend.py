@@ -19,6 +19,7 @@ copy, so gradients flow into them): the bank is called with ``torch.func.functio
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ _GPT_OSS_EXPERTS = "transformers.models.gpt_oss.modeling_gpt_oss.GptOssExperts"
 _BANKS: weakref.WeakKeyDictionary[nn.Module, Experts] = weakref.WeakKeyDictionary()
 
 
-def _split(t: torch.Tensor, concatenated: bool, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(t: torch.Tensor, concatenated: bool, dim: int) -> tuple[torch.Tensor, ...]:
     """(gate, up) halves of a fused gate/up tensor along ``dim``: first/second half, or even/odd entries."""
     if concatenated:
         return t.chunk(2, dim=dim)
@@ -50,7 +51,7 @@ def _in_out(w: torch.Tensor, transposed: bool) -> torch.Tensor:
     return w if transposed else w.transpose(1, 2)
 
 
-def _activation(experts: nn.Module) -> tuple[str, dict[str, float]]:
+def _activation(experts: Any) -> tuple[str, dict[str, float]]:
     """moekit's activation (and settings) for this experts module; ``NotImplementedError`` if none fits."""
     where = type(experts).__name__
     if getattr(experts, "has_post_expert_norm", False):
@@ -69,7 +70,7 @@ def _activation(experts: nn.Module) -> tuple[str, dict[str, float]]:
     return "swiglu", {}
 
 
-def expert_views(experts: nn.Module) -> dict[str, torch.Tensor]:
+def expert_views(experts: Any) -> dict[str, torch.Tensor]:
     """The module's expert weights as moekit's w1, w3 [E, D, F], w2 [E, F, D] (and biases), as views."""
     transposed = getattr(experts, "is_transposed", False)
     concatenated = getattr(experts, "is_concatenated", True)

@@ -32,7 +32,7 @@ from moekit.upcycle import activation_name
 # the block emits (output_router_logits=True), exactly as it does with its own block.
 NO_AUX = {"w_importance": 0.0, "w_load": 0.0}
 
-def gated_activation(act: nn.Module | Any, where: str) -> str:
+def gated_activation(act: Any, where: str) -> str:
     """"swiglu" for a gate activation that is SiLU (``moekit.upcycle.activation_name``); ``ValueError`` otherwise."""
     name = activation_name(act, where)
     if name != "silu":
@@ -45,7 +45,7 @@ def _t(w: torch.Tensor) -> torch.Tensor:
     return w.detach().transpose(-1, -2)
 
 
-def fused_to_moekit(experts: nn.Module, prefix: str = "experts.") -> dict[str, torch.Tensor]:
+def fused_to_moekit(experts: Any, prefix: str = "experts.") -> dict[str, torch.Tensor]:
     """``gate_up_proj`` [E, 2F, D] (gate rows first) and ``down_proj`` [E, D, F] as w1, w3 [E, D, F], w2 [E, F, D]."""
     gate_up = experts.gate_up_proj.detach()
     half = gate_up.shape[1] // 2
@@ -53,23 +53,23 @@ def fused_to_moekit(experts: nn.Module, prefix: str = "experts.") -> dict[str, t
             prefix + "w2": _t(experts.down_proj)}
 
 
-def fused_to_block(moe: nn.Module, prefix: str = "experts.") -> dict[str, torch.Tensor]:
+def fused_to_block(moe: Any, prefix: str = "experts.") -> dict[str, torch.Tensor]:
     ex = moe.experts
     return {prefix + "gate_up_proj": torch.cat([_t(ex.w1), _t(ex.w3)], dim=1), prefix + "down_proj": _t(ex.w2)}
 
 
-def mlp_to_moekit(mlp: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+def mlp_to_moekit(mlp: Any, prefix: str) -> dict[str, torch.Tensor]:
     """A gate/up/down ``nn.Linear`` MLP (no biases) as moekit's ``SharedExperts`` w1, w3 [D, F], w2 [F, D]."""
     return {prefix + "w1": _t(mlp.gate_proj.weight), prefix + "w3": _t(mlp.up_proj.weight),
             prefix + "w2": _t(mlp.down_proj.weight)}
 
 
-def mlp_to_block(shared: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+def mlp_to_block(shared: Any, prefix: str) -> dict[str, torch.Tensor]:
     return {prefix + "gate_proj.weight": _t(shared.w1), prefix + "up_proj.weight": _t(shared.w3),
             prefix + "down_proj.weight": _t(shared.w2)}
 
 
-def check_mlp(mlp: nn.Module, where: str, act_attr: str = "act_fn") -> int:
+def check_mlp(mlp: Any, where: str, act_attr: str = "act_fn") -> int:
     """The width of a gate/up/down MLP without biases and with a SiLU gate; ``ValueError`` otherwise."""
     for name in ("gate_proj", "up_proj", "down_proj"):
         if getattr(mlp, name).bias is not None:

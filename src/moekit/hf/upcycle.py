@@ -87,9 +87,9 @@ def upcycle_model(model: nn.Module, num_experts: int, k: int, layers: Sequence[i
         raise ValueError(f"layers={chosen} lists a layer twice")
     names = []
     for i in chosen:
-        mlp = decoder[i].mlp
-        if isinstance(mlp, UpcycledMLP):
+        layer: Any = decoder[i]
+        if isinstance(layer.mlp, UpcycledMLP):
             raise ValueError(f"{prefix}.{i}.mlp is already upcycled")
-        decoder[i].mlp = UpcycledMLP(upcycle(mlp, num_experts, k, **kwargs))
+        layer.mlp = UpcycledMLP(upcycle(layer.mlp, num_experts, k, **kwargs))
         names.append(f"{prefix}.{i}.mlp")
     return names

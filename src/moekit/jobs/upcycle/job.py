@@ -77,10 +77,11 @@ def dense_model(cfg: UpcycleConfig, vocab: Vocab, device: torch.device) -> nn.Mo
         vocab_size=len(vocab), hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, max_position_embeddings=cfg.seq_len,
         tie_word_embeddings=True, bos_token_id=None, pad_token_id=None, eos_token_id=vocab.eos_id)
-    return transformers.LlamaForCausalLM(config).to(device)
+    model: nn.Module = transformers.LlamaForCausalLM(config)
+    return model.to(device)
 
 
-def upcycled_layers(model: nn.Module) -> list[nn.Module]:
+def upcycled_layers(model: nn.Module) -> list[Any]:
     """The model's upcycled MLPs (``moekit.hf.UpcycledMLP``), in layer order."""
     return [m for m in model.modules() if isinstance(m, require_hf().UpcycledMLP)]
 
