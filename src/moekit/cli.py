@@ -58,6 +58,12 @@ JOBS: dict[str, Job] = {
         "moekit.jobs.patterns",
         "runs/patterns",
     ),
+    "upcycle": Job(
+        "sparse upcycling: a small dense Llama trained, then continued dense or upcycled into an MoE"
+        " (needs moekit[hf])",
+        "moekit.jobs.upcycle",
+        "runs/upcycle",
+    ),
 }
 
 
