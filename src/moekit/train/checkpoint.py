@@ -33,6 +33,9 @@ class WriteError(OSError):
         super().__init__(cause.errno, f"cannot write {str(path)!r}: {reason}")
         self.path = Path(path)
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message alone, without OSError's "[Errno N]"
+
 
 class CheckpointError(ValueError):
     """A file cannot be used as a checkpoint (truncated, empty, garbage, not plain data, not a
@@ -55,11 +58,13 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    recorder = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # open(..., "xb") rather than mkstemp: the file gets the usual umask permissions, not 0600.
         with open(tmp, "xb") as f:
-            write(f)
+            recorder = _Recorder(f)
+            write(cast(BinaryIO, recorder))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -68,9 +73,39 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
         _unlink_quietly(tmp)
         if isinstance(e, OSError) and not isinstance(e, WriteError):
             raise WriteError(path, e) from e
+        if recorder is not None and recorder.error is not None and not isinstance(e, KeyboardInterrupt):
+            # The writer turned the file system's error into its own (torch.save: a RuntimeError).
+            raise WriteError(path, recorder.error) from e
         raise
     _fsync_dir(path.parent)
     return path
+
+
+class _Recorder:
+    """The file a writer callback gets: keeps the ``OSError`` a write or flush raises, since a
+    writer may report it as an error of its own (torch.save raises a RuntimeError that names
+    neither the file nor the cause)."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, fileno, ...: the file's own
+        return getattr(self._f, name)
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -223,3 +223,26 @@ def test_a_write_killed_midway_leaves_a_temporary_that_remove_temporaries_clears
     assert left.name.startswith(".ckpt.pt.") and left.stat().st_size == 1000
     assert remove_temporaries(tmp_path) == [left]
     assert not list(tmp_path.iterdir())
+
+
+def test_a_write_beyond_what_the_file_system_allows_is_a_write_error(tmp_path):
+    # A real write failure, not a simulated one: RLIMIT_FSIZE makes the kernel refuse writes past
+    # 20 kB (EFBIG), as a full disk refuses them (ENOSPC). torch.save reports such a failure as a
+    # RuntimeError of its own; the error must still name the file and the cause.
+    script = (
+        "import resource, signal, sys, torch\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "from moekit.train.checkpoint import WriteError, save_checkpoint\n"
+        "try:\n"
+        "    save_checkpoint(sys.argv[1], {'w': torch.zeros(100000)})\n"
+        "except WriteError as e:\n"
+        "    print(e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(moekit.__file__).parents[1])}
+    path = tmp_path / "ckpt.pt"
+    proc = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"cannot write {str(path)!r}: {os.strerror(errno.EFBIG)}"
+    assert not list(tmp_path.iterdir())  # neither the checkpoint nor a temporary
