@@ -102,8 +102,11 @@ class Session:
                               f"({config_differences(old, self.config) or 'recorded none'}); it belongs to another "
                               "run: rerun with --force to start over, or choose another --out")
         if ckpt["fingerprint"] != self.fingerprint:
-            raise OutDirError(f"checkpoint {str(path)!r} was made from different data "
-                              f"({describe_differences(ckpt['fingerprint'], self.fingerprint)}); resume it on the "
+            what = describe_differences(ckpt["fingerprint"], self.fingerprint)
+            data = self.fingerprint.get("data") if isinstance(self.fingerprint, dict) else None
+            if isinstance(data, dict) and data.get("path"):
+                what = f"{data['path']!r}: {what}"
+            raise OutDirError(f"checkpoint {str(path)!r} was made from different data ({what}); resume it on the "
                               "data it started from, or rerun with --force to start over")
 
     def _pass_over(self, passed_over: list[tuple[Path, CheckpointError]], used: Path) -> None:

@@ -101,7 +101,7 @@ def test_resuming_on_changed_data_names_what_changed(tmp_path):
     *_, latest = _interrupted(tmp_path, fingerprint=old)
     with pytest.raises(OutDirError) as e:
         Session(tmp_path, fingerprint=new).restore(latest)
-    assert "different data (data.sha256: 'aaaa' -> 'bbbb')" in str(e.value)
+    assert "different data ('/d.npz': data.sha256: 'aaaa' -> 'bbbb')" in str(e.value)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "zero-byte", "garbage", "foreign", "incomplete"])
