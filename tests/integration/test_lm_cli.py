@@ -171,7 +171,8 @@ def test_unusable_data_file_is_a_clear_error(tmp_path, content, message, capsys)
 
 
 @pytest.mark.parametrize("bad, message", [(["--models", "moe-32,gru"], "unknown model 'gru'"),
-                                          (["--models", "moe-2"], "k=4 exceeds"), (["--steps", "0"], "steps=0"),
+                                          (["--models", "moe-2"], "k=4 exceeds"),
+                                          (["--steps", "0"], "--steps: must be an integer >= 1, got '0'"),
                                           (["--seq-len", "100000"], "seq_len=100000")])
 def test_invalid_config_is_refused_before_the_out_dir_is_touched(tmp_path, text_file, bad, message, capsys):
     out = tmp_path / "o"
