@@ -98,6 +98,7 @@ CASES = [
     ("ensemble", ["--data", "{dir}"], "is a directory, not an .npz file"),
     ("ensemble", ["--data", "{label 1e9}"], "1000000001 classes from the largest training label is more than"),
     ("ensemble", ["--data", "{unseen}"], "'y_test' holds label 7, beyond the 3 classes"),
+    ("ensemble", ["--data", "{1e30}"], "pixel values (up to 1e+30) are too large to standardise"),
     ("ensemble", ["--data", "{nan}"], "'x_train' holds NaN or Inf"),
     ("ensemble", ["--data", "{float labels}"], "'y_train' must be a 1-D integer array"),
     ("ensemble", ["--data", "{no y_test}"], "lacks the array(s) 'y_test'"),
