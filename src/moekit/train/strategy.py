@@ -212,7 +212,8 @@ class ExpertParallel(SingleProcess):
         """
         from moekit.parallel import check_same_config, init_distributed
 
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        # init_distributed checks torchrun's environment; these two only label the start-up's report.
+        rank, world_size = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
         with JoinWatch(rank, world_size, watchdog_s, timeout_s):
             info = init_distributed(device, timeout_s=timeout_s)
         par = cls(info.rank, info.world_size, info.device, options)

@@ -161,7 +161,7 @@ class JoinWatch:
     """Before the ranks have a store: report a start-up that waits ``after_s`` for the others to join
     (a rank that never starts keeps them in ``init_process_group`` until its timeout)."""
 
-    def __init__(self, rank: int, world_size: int, after_s: float, timeout_s: float,
+    def __init__(self, rank: int | str, world_size: int | str, after_s: float, timeout_s: float,
                  report: Callable[[str], None] | None = None):
         self.rank, self.world_size, self.after_s, self.timeout_s = rank, world_size, after_s, timeout_s
         self.report = report or _to_stderr
