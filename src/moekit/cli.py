@@ -16,7 +16,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import torch
 
@@ -82,7 +82,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose errors take the one error path of the jobs (argparse would print its usage
     and exit from inside ``parse_args``)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(self.prog, message)
 
 
