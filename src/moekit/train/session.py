@@ -34,6 +34,7 @@ from moekit.train.outdir import (
     OutDirError,
     checkpoint_path,
     config_differences,
+    config_digest,
     list_checkpoints,
     normalise_config,
     prune_checkpoints,
@@ -117,8 +118,11 @@ class Session:
         def move_aside() -> None:
             # Out of the way of later resumes and of the pruning of the two newest checkpoints.
             for path, _ in passed_over:
-                if path.exists():
-                    path.replace(path.with_name(path.name + UNREADABLE_SUFFIX))
+                try:
+                    if path.exists():
+                        path.replace(path.with_name(path.name + UNREADABLE_SUFFIX))
+                except OSError as e:  # the resume can go on; the next one will pass over it again
+                    warn(f"warning: cannot move {str(path)!r} aside: {e.strerror or e}")
 
         self.strategy.main_only(move_aside)
 
@@ -153,8 +157,11 @@ class Session:
             model_state, opt_state = self.strategy.state_dicts(model, optimizer)
             current = {"name": name, "state": state.to_dict(), "model": model_state, "optimizer": opt_state}
             total += state.step
-        ckpt = {"format": FORMAT, "config": self.config, "fingerprint": self.fingerprint, "finished": self.finished,
-                "steps_done": self.steps_done, "current": current, "rng": self.strategy.capture_rng()}
+        # The whole configuration, to name what differs on a refused resume, and its digest for tools.
+        digest = None if self.config is None else config_digest(self.config)
+        ckpt = {"format": FORMAT, "config": self.config, "config_sha256": digest, "fingerprint": self.fingerprint,
+                "finished": self.finished, "steps_done": self.steps_done, "current": current,
+                "rng": self.strategy.capture_rng()}
 
         def write() -> None:
             save_checkpoint(checkpoint_path(self.out, total), ckpt)

@@ -7,7 +7,7 @@ from torch import nn
 
 from moekit.train.checkpoint import load_checkpoint, save_checkpoint
 from moekit.train.loop import LoopConfig, StepOutput, TrainState, train
-from moekit.train.outdir import OutDirError, list_checkpoints
+from moekit.train.outdir import OutDirError, config_digest, list_checkpoints
 from moekit.train.session import Session, describe_differences
 
 
@@ -89,6 +89,9 @@ def _interrupted(out, config=None, fingerprint="data"):
 
 def test_resuming_under_another_configuration_is_refused_naming_what_differs(tmp_path):
     *_, latest = _interrupted(tmp_path, config={"steps": 6, "lr": 0.01})
+    ckpt = load_checkpoint(latest)
+    assert ckpt["config"] == {"steps": 6, "lr": 0.01}
+    assert ckpt["config_sha256"] == config_digest({"lr": 0.01, "steps": 6})  # that of config.json's content
     with pytest.raises(OutDirError, match=r"different configuration \(lr: 0.01 -> 0.02\)"):
         Session(tmp_path, fingerprint="data", config={"steps": 6, "lr": 0.02}).restore(latest)
     # The configuration is compared as config.json holds it: a tuple and a list are the same.
