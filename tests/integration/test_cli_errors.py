@@ -88,6 +88,8 @@ CASES = [
     ("lm", ["--threads", "0"], "--threads: must be an integer >= 1, got '0'"),
     ("lm", ["--models", "gru"], "unknown model 'gru'"),
     ("lm", ["--data", "{npz}"], "tiny.npz' looks binary"),
+    ("lm", ["--timeout", "0"], "--timeout: must be a number of seconds > 0, got '0'"),
+    ("ensemble", ["--watchdog", "-1"], "--watchdog: must be a finite number of seconds >= 0, got '-1'"),
     # ensemble
     ("ensemble", ["--threads", "-1"], "--threads: must be an integer >= 1, got '-1'"),
     ("ensemble", ["--steps", "0"], "--steps: must be an integer >= 1, got '0'"),

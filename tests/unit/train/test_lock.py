@@ -80,7 +80,7 @@ def test_lock_out_dir_returns_the_lock_this_process_holds_until_released(tmp_pat
     release_lock(tmp_path)  # releasing twice does nothing
 
 
-def test_the_lock_is_refused_while_held_and_free_once_the_holder_exits_without_release(tmp_path):
+def test_a_holder_that_exits_without_releasing_frees_the_lock(tmp_path):
     # A holder that exits (normally) without calling release: the kernel drops the lock, the file stays.
     script = LOAD_LOCK + "import os\nlock.OutDirLock(sys.argv[1]).acquire()\nos._exit(0)\n"
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=60)
