@@ -14,7 +14,7 @@ from moekit.train.outdir import ConfigError, OutDirError
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write the raw results to this file")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the benchmark runs, measures nothing")
-    parser.add_argument("--threads", type=options.positive_int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--threads", type=options.threads, default=2, help="torch threads (default: 2)")
     parser.add_argument("--repeats", type=options.positive_int, default=5,
                         help="timed rounds per configuration (default: 5)")
     parser.add_argument("--only", metavar="TEXT", help="run only configurations whose name contains TEXT")

@@ -86,7 +86,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint every this many steps (default: preset's)")
     parser.add_argument("--train-examples", type=options.positive_int,
                         help="train on a fixed random subset of this many images (default: the preset's)")
-    parser.add_argument("--threads", type=options.positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=options.threads, help="torch CPU threads (default: torch's choice)")
     add_parallel_arg(parser, "ensemble", "N must divide the batch size (64 in cpu-small, 256 in gpu) and the "
                                          "8 experts; every model is trained this way (dense: data-parallel).")
 

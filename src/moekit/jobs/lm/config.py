@@ -102,7 +102,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablation", action="store_true",
                         help="train the models once per (w_importance, w_load) of the paper's Table 6")
     parser.add_argument("--data", metavar="FILE", help="UTF-8 text file to use instead of the King James Bible")
-    parser.add_argument("--threads", type=options.positive_int, metavar="N",
+    parser.add_argument("--threads", type=options.threads, metavar="N",
                         help="torch CPU threads (default: torch's choice); not part of the run's configuration")
     add_parallel_arg(parser, "lm", "N must divide --batch-size and the experts of every MoE model of --models; "
                                    "every model of the run is trained this way (dense ones data-parallel).")

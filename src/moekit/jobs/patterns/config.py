@@ -133,7 +133,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head", choices=("adapter", "full"), default="adapter",
                         help="SPMoE pattern head: a D x D adapter before the shared projection, or a full "
                              "output layer per pattern (default: adapter)")
-    parser.add_argument("--threads", type=options.non_negative_int, default=0,
+    parser.add_argument("--threads", type=options.threads_or_zero, default=0,
                         help="CPU threads for torch (default: 0 = torch's own choice)")
     parser.add_argument("--data", metavar="FILE.jsonl", default=None,
                         help='JSON lines {"source": str, "targets": [str, ...]}, or "synthetic" for the set '
