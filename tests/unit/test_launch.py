@@ -12,6 +12,8 @@ SRC = str(Path(moekit.__file__).parents[1])
 # import hook raises it when torch's first submodule is looked for.
 INTERRUPTED_IMPORT = """
 import signal, sys
+# As in a terminal: Ctrl-C raises KeyboardInterrupt (a test run in the background inherits SIGINT ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 class Interrupt:
     def find_spec(self, name, path=None, target=None):
         if name.startswith("torch."):
