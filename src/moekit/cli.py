@@ -3,6 +3,11 @@
 A job is registered in ``JOBS`` with a help line, its default out directory and the module
 that provides ``add_args(parser)`` (its own options) and ``run(args) -> int``. The options every
 job shares (``--out --seed --quiet --resume --force --device``) are added here.
+
+One error path for every job: a user error (a bad option value, unreadable or inconsistent data,
+a busy or unwritable ``--out``, an unusable checkpoint) ends the command with one line on stderr,
+``moekit JOB: error: ...`` naming the value or file, and exit status 2; Ctrl-C ends it with
+status 130. A traceback means a bug.
 """
 
 from __future__ import annotations
@@ -11,18 +16,22 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import torch
 
 import moekit
 from moekit.data import DataFileError, MissingDataError
+from moekit.jobs import options
 from moekit.memory import keep_freed_memory
+from moekit.train.checkpoint import CheckpointError, WriteError
+from moekit.train.lock import release_out_dirs
 from moekit.train.outdir import ConfigError, OutDirError
 from moekit.train.runtime import is_main_process
 
 # Errors that are the user's to fix: printed as one line, no traceback.
-USER_ERRORS = (ConfigError, OutDirError, MissingDataError, DataFileError)
+USER_ERRORS = (ConfigError, OutDirError, MissingDataError, DataFileError, CheckpointError, WriteError)
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 class Job(NamedTuple):
@@ -67,6 +76,22 @@ JOBS: dict[str, Job] = {
 }
 
 
+class UsageError(ConfigError):
+    """A command line argparse cannot read (unknown option, bad value); ``prog`` is the (sub)command."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{message} (see {prog} --help)")
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors take the one error path of the jobs (argparse would print its usage
+    and exit from inside ``parse_args``)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
+
+
 def _device(name: str) -> str:
     if name == "auto":
         return name
@@ -74,14 +99,22 @@ def _device(name: str) -> str:
         device = torch.device(name)
     except RuntimeError as e:
         raise argparse.ArgumentTypeError(f"unknown device {name!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"device {name!r}: CUDA is not available in this torch build or machine")
+    if device.type not in DEVICE_TYPES:
+        raise argparse.ArgumentTypeError(f"device {name!r}: the jobs train on {', '.join(DEVICE_TYPES)} (or auto)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"device {name!r}: CUDA is not available in this torch build or machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"device {name!r}: MPS is not available in this torch build or machine")
     return name
 
 
 def _add_common(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--out", default=default_out, metavar="DIR", help=f"output directory (default: {default_out})")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=options.seed, default=0,
+                        help=f"random seed, 0 to {options.MAX_SEED} (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or status messages")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument("--force", action="store_true", help="overwrite an --out that holds a different run")
@@ -102,9 +135,7 @@ def _add_common(parser: argparse.ArgumentParser, default_out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moekit", description="Sparse mixture-of-experts layers, models and experiments."
-    )
+    parser = _Parser(prog="moekit", description="Sparse mixture-of-experts layers, models and experiments.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {moekit.__version__}")
     sub = parser.add_subparsers(dest="job", metavar="JOB", required=True)
     for name, job in JOBS.items():
@@ -115,22 +146,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``moekit`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    if args.malloc == "keep":
-        keep_freed_memory()
-    job = importlib.import_module(JOBS[args.job].module)
+    """Entry point of the ``moekit`` console script; returns the exit status (2: a user error,
+    printed as one line; 130: interrupted)."""
+    name = "moekit"
     try:
+        args, unknown = build_parser().parse_known_args(argv)
+        name = f"moekit {args.job}"
+        if unknown:  # named by the job's parser, whose --help lists the options it takes
+            raise UsageError(name, f"unrecognized arguments: {' '.join(unknown)}")
+        if args.malloc == "keep":
+            keep_freed_memory()
+        job = importlib.import_module(JOBS[args.job].module)
         return job.run(args)
     except USER_ERRORS as e:
         if _first_rank():
-            print(f"moekit {args.job}: error: {e}", file=sys.stderr)
+            print(f"{getattr(e, 'prog', name)}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         detail = f" ({e})" if str(e) else ""
         if _first_rank():
-            print(f"moekit {args.job}: interrupted{detail}; rerun with --resume to continue", file=sys.stderr)
+            print(f"{name}: interrupted{detail}; rerun with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        release_out_dirs()
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a message from a library may hold several)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _first_rank() -> bool:

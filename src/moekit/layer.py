@@ -5,6 +5,8 @@ Legend: T tokens, D model dim, F expert hidden dim, E experts, K slots per token
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -21,6 +23,9 @@ def check_layer_input(x: torch.Tensor, mask: torch.Tensor | None, dim: int) -> N
     """Raise ``TypeError``/``ValueError`` naming what is wrong with an MoE input."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"MoE input must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type == "meta":
+        raise ValueError("MoE input is on the meta device, which holds shapes but no values: a layer built there "
+                         "(device='meta') must be materialised (to_empty, then initialised) and given real input")
     if not x.is_floating_point():
         raise TypeError(f"MoE input must be floating point, got dtype={x.dtype}")
     if x.dim() < 1 or x.shape[-1] != dim:
@@ -76,10 +81,16 @@ def _dispatch_and_count(layer: MoE, x_TD: torch.Tensor, routing: Routing, mask_T
 
 
 def _check_options(capacity_factor, capacity_multiple, shared_experts, shared_hidden_dim, shared_gate,
-                   sequence_capacity, gate_input) -> None:
+                   sequence_capacity, gate_input, batch_prioritized=False, activation_kwargs=None) -> None:
     """``ValueError``/``TypeError`` naming the first bad layer option."""
-    if capacity_factor is not None and capacity_factor <= 0:
-        raise ValueError(f"capacity_factor={capacity_factor} must be > 0 (or None for dropless)")
+    if capacity_factor is not None:
+        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, int | float):
+            raise TypeError(f"capacity_factor must be a number (or None for dropless), got {capacity_factor!r}")
+        # NaN passes "<= 0" and inf would make every expert's buffer infinite: both are refused here.
+        if not math.isfinite(capacity_factor) or capacity_factor <= 0:
+            raise ValueError(f"capacity_factor={capacity_factor} must be a finite number > 0 (or None for dropless)")
+    if activation_kwargs is not None and not isinstance(activation_kwargs, dict):
+        raise TypeError(f"activation_kwargs must be a dict (or None), got {activation_kwargs!r}")
     if isinstance(capacity_multiple, bool) or not isinstance(capacity_multiple, int) or capacity_multiple < 1:
         raise ValueError(f"capacity_multiple={capacity_multiple!r} must be an int >= 1")
     if isinstance(shared_experts, bool) or not isinstance(shared_experts, int) or shared_experts < 0:
@@ -96,7 +107,8 @@ def _check_options(capacity_factor, capacity_multiple, shared_experts, shared_hi
         if capacity_factor is not None:
             raise ValueError(f"sequence_capacity={sequence_capacity} and capacity_factor={capacity_factor} "
                              "cannot both be set: choose one capacity")
-    for name, value in (("shared_gate", shared_gate), ("gate_input", gate_input)):
+    for name, value in (("shared_gate", shared_gate), ("gate_input", gate_input),
+                        ("batch_prioritized", batch_prioritized)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {value!r}")
 
@@ -159,7 +171,7 @@ class MoE(nn.Module):
         super().__init__()
         hidden_dim = 4 * dim if hidden_dim is None else hidden_dim
         _check_options(capacity_factor, capacity_multiple, shared_experts, shared_hidden_dim, shared_gate,
-                       sequence_capacity, gate_input)
+                       sequence_capacity, gate_input, batch_prioritized, activation_kwargs)
         if isinstance(router, str):
             router = build_router(router, dim, num_experts, k, w_importance=w_importance, w_load=w_load,
                                   device=device, dtype=dtype, **(router_kwargs or {}))
@@ -190,6 +202,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MoEOutput:
         check_layer_input(x, mask, self.dim)
+        if self.experts.w1.device.type == "meta":
+            raise ValueError(f"this MoE's weights are on the meta device (built with device='meta'): materialise "
+                             f"them first (to_empty(device=...), then initialise) to run it on {x.device}")
         if self.sequence_capacity is not None and x.dim() < 3:
             raise ValueError(f"sequence_capacity={self.sequence_capacity} needs an input [..., S, D] of at least "
                              f"3 dimensions, got shape {tuple(x.shape)}")

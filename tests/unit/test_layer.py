@@ -239,6 +239,18 @@ def test_sequence_capacity_with_batch_priority_keeps_the_most_confident_tokens()
         ({"activation": "clamped_swiglu", "activation_kwargs": {"limit": -1}}, ValueError, "limit=-1"),
         ({"activation": "clamped_swiglu", "activation_kwargs": {"beta": 1}}, ValueError, r"\['beta'\]"),
         ({"activation": "relu", "activation_kwargs": {"alpha": 1}}, ValueError, "do not apply to activation='relu'"),
+        ({"activation": "clamped_swiglu", "activation_kwargs": {"alpha": float("nan")}}, ValueError, "alpha=nan"),
+        ({"activation": "clamped_swiglu", "activation_kwargs": 3}, TypeError, "activation_kwargs must be a dict"),
+        # NaN slips through "<= 0"; inf would give every expert an infinite buffer.
+        ({"capacity_factor": float("nan")}, ValueError, "capacity_factor=nan must be a finite number > 0"),
+        ({"capacity_factor": float("inf")}, ValueError, "capacity_factor=inf must be a finite number > 0"),
+        ({"capacity_factor": -1.0}, ValueError, "capacity_factor=-1.0"),
+        ({"capacity_factor": True}, TypeError, "capacity_factor must be a number"),
+        ({"capacity_factor": "1.5"}, TypeError, "capacity_factor must be a number"),
+        ({"capacity_factor": 1.0, "batch_prioritized": "yes"}, TypeError, "batch_prioritized must be a bool"),
+        ({"w_importance": float("nan")}, ValueError, "w_importance=nan must be a finite number >= 0"),
+        ({"w_load": -0.1}, ValueError, "w_load=-0.1 must be a finite number >= 0"),
+        ({"w_load": float("inf")}, ValueError, "w_load=inf"),
     ],
 )
 def test_option_errors_name_the_bad_value(kwargs, exc, match):
@@ -250,3 +262,16 @@ def test_sequence_capacity_needs_sequences():
     moe = moekit.MoE(8, 4, 2, 16, sequence_capacity=3)
     with pytest.raises(ValueError, match=r"sequence_capacity=3 needs an input .* got shape \(5, 8\)"):
         moe(torch.randn(5, 8))
+
+
+def test_a_layer_on_the_meta_device_is_built_but_not_run():
+    # Building on the meta device is supported (shapes only, to shard or materialise later);
+    # running it, or giving any layer meta input, is a ValueError naming the cause.
+    moe = moekit.MoE(8, 4, 2, 16, device="meta")
+    assert moe.experts.w1.device.type == "meta"
+    with pytest.raises(ValueError, match="weights are on the meta device"):
+        moe(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="input is on the meta device"):
+        moekit.MoE(8, 4, 2, 16)(torch.randn(3, 8, device="meta"))
+    moe.to_empty(device="cpu")  # materialised, it runs
+    assert moe(torch.randn(3, 8)).y.shape == (3, 8)

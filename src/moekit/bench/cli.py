@@ -6,18 +6,37 @@ import argparse
 from pathlib import Path
 
 from moekit.bench import layer
+from moekit.jobs import options
+from moekit.train.lock import OutDirBusy, lock_out_dir
+from moekit.train.outdir import ConfigError, OutDirError
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write the raw results to this file")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the benchmark runs, measures nothing")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per configuration (default: 5)")
+    parser.add_argument("--threads", type=options.threads, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--repeats", type=options.positive_int, default=5,
+                        help="timed rounds per configuration (default: 5)")
     parser.add_argument("--only", metavar="TEXT", help="run only configurations whose name contains TEXT")
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    names = [case.name for case in layer.default_cases(args.quick)]
+    if args.only and not any(args.only in name for name in names):
+        raise ConfigError(f"--only {args.only!r} matches no configuration; the names are: {'; '.join(names)}")
+    # Fail now rather than after the measurements: --out must be usable, and no other run may write there.
+    for directory in (out, (args.json or out / "bench.json").parent):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutDirError(f"cannot use {str(directory)!r} for the results: {e.strerror or e}") from None
+    try:
+        lock_out_dir(out)
+    except OutDirBusy as e:
+        raise OutDirError(str(e)) from None
+    except OSError as e:
+        raise OutDirError(f"cannot use --out {str(out)!r}: {e.strerror or e}") from None
     argv = ["--threads", str(args.threads), "--repeats", str(args.repeats),
             "--json", str(args.json or out / "bench.json"), "--markdown", str(out / "bench.md")]
     if args.quick:

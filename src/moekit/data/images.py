@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,10 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Bag", "Ankle boot")
 NPZ_REQUIRED = ("x_train", "y_train", "x_test", "y_test")
 NPZ_OPTIONAL = ("x_ood",)
+NPZ_NUM_CLASSES = "num_classes"  # optional scalar: the class count, when y_train does not show the largest class
+# More classes than this is taken for a mistake in the labels (one label of 10^9 would otherwise
+# ask for a classifier head of 10^9 rows); ImageNet-21k has 21841.
+MAX_CLASSES = 100_000
 DIGITS_OOD = "scikit-learn load_digits (1797 8x8 digits, bilinear-resized to the image size)"
 
 # IDX type codes (the third byte of the magic number) and the numpy dtypes they hold, big-endian.
@@ -130,20 +136,71 @@ def _labels(y: np.ndarray, key: str, path: Path, num: int) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def load_npz(path: str | Path) -> ImageSplits:
-    """An image classification set from ``.npz`` arrays ``x_train, y_train, x_test, y_test`` (+ ``x_ood``).
+def _num_classes(arrays: dict[str, np.ndarray], y_train: np.ndarray, y_test: np.ndarray, path: Path) -> int:
+    """The declared class count (array ``num_classes``), or the largest training label + 1.
 
-    Images are [N, H, W] or channels-last [N, H, W, C]; labels 0..C-1. ``DataFileError`` (a
-    ``ValueError``) names the file and the missing or bad array.
+    Every label must lie below it, and it must lie in 2..MAX_CLASSES: a test label the classes of
+    training do not cover is an error, not a new class.
     """
-    path = Path(path)
+    where = f"{str(path)!r}"
+    if NPZ_NUM_CLASSES in arrays:
+        declared = arrays[NPZ_NUM_CLASSES]
+        if declared.shape != () or not np.issubdtype(declared.dtype, np.integer):
+            raise DataFileError(f"{where}: {NPZ_NUM_CLASSES!r} must be one integer, got shape {declared.shape} "
+                                f"dtype {declared.dtype}")
+        num_classes, origin = int(declared), f"{NPZ_NUM_CLASSES}={int(declared)} as declared"
+    else:
+        num_classes = int(y_train.max()) + 1
+        origin = f"{num_classes} classes from the largest training label"
+    if num_classes > MAX_CLASSES:
+        raise DataFileError(f"{where}: {origin} is more than the {MAX_CLASSES} classes moekit accepts; labels "
+                            "must be class indices 0..C-1")
+    if num_classes < 2:
+        raise DataFileError(f"{where}: {origin}; a classifier needs at least 2")
+    for key, y in (("y_train", y_train), ("y_test", y_test)):
+        if int(y.max()) >= num_classes:
+            raise DataFileError(f"{where}: {key!r} holds label {int(y.max())}, beyond the {origin} (labels must be "
+                                f"0..{num_classes - 1}; declare {NPZ_NUM_CLASSES} in the file if the training "
+                                "labels do not show every class)")
+    return num_classes
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz archive; ``DataFileError`` names the file and what is wrong with it."""
+    if path.is_dir():
+        raise DataFileError(f"data file {str(path)!r} is a directory, not an .npz file")
     if not path.is_file():
         raise DataFileError(f"data file {str(path)!r} does not exist")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise DataFileError(f"cannot read data file {str(path)!r}: {e.strerror or e}") from e
+    if magic.startswith(b"\x93NUMPY"):
+        raise DataFileError(f"{str(path)!r} is a single .npy array; the image set is an .npz archive of the arrays "
+                            f"{', '.join(NPZ_REQUIRED)} (numpy.savez)")
+    if not magic.startswith(b"PK"):  # an .npz is a zip archive
+        raise DataFileError(f"{str(path)!r} is not an .npz archive (numpy.savez writes one with the arrays "
+                            f"{', '.join(NPZ_REQUIRED)})")
+    try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise DataFileError(f"{str(path)!r} is not a readable .npz file of plain arrays: {e}") from e
+            return {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise DataFileError(f"{str(path)!r} is a damaged or truncated .npz archive, or holds more than plain "
+                            f"arrays ({detail})") from e
+
+
+def load_npz(path: str | Path) -> ImageSplits:
+    """An image classification set from ``.npz`` arrays ``x_train, y_train, x_test, y_test`` (+ ``x_ood``).
+
+    Images are [N, H, W] or channels-last [N, H, W, C]; labels 0..C-1, where C is the optional
+    scalar array ``num_classes`` or else the largest training label + 1 (at most ``MAX_CLASSES``;
+    a test label of no training class is an error). ``DataFileError`` (a ``ValueError``) names
+    the file and the missing or bad array.
+    """
+    path = Path(path)
+    arrays = _read_npz(path)
     missing = [key for key in NPZ_REQUIRED if key not in arrays]
     if missing:
         raise DataFileError(f"{str(path)!r} lacks the array(s) {', '.join(map(repr, missing))} "
@@ -156,9 +213,7 @@ def load_npz(path: str | Path) -> ImageSplits:
                                 f"{images['x_train'].shape[1:]}")
     y_train = _labels(arrays["y_train"], "y_train", path, len(images["x_train"]))
     y_test = _labels(arrays["y_test"], "y_test", path, len(images["x_test"]))
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
-    if num_classes < 2:
-        raise DataFileError(f"{str(path)!r}: the labels hold a single class; a classifier needs at least 2")
+    num_classes = _num_classes(arrays, y_train, y_test, path)
     x_ood = images.get("x_ood")
     return ImageSplits(images["x_train"], y_train, images["x_test"], y_test, x_ood, num_classes,
                        f"{path.name}", "x_ood of the data file" if x_ood is not None else None)

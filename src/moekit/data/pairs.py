@@ -45,7 +45,9 @@ def read_jsonl(path: str | Path) -> list[Example]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise PairDataError(f"cannot read pair data {str(path)!r}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
         raise PairDataError(f"cannot read pair data {str(path)!r}: {e}") from e
     examples = []
     for no, line in enumerate(text.splitlines(), start=1):

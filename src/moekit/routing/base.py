@@ -91,6 +91,22 @@ def check_router_input(x_TD: torch.Tensor, mask_T: torch.Tensor | None, dim: int
         raise ValueError(f"router input holds NaN or Inf (first at index {bad}, value {x_TD[tuple(bad)].item()})")
 
 
+def check_routing_finite(router: nn.Module, routing: Routing, x_TD: torch.Tensor) -> None:
+    """``ValueError`` when finite input gave a non-finite balancing loss or gate.
+
+    Input large enough for the gate logits to overflow (e.g. 1e38 in float32) turns softmaxes and
+    the z-loss into Inf/NaN, which would train silently on a broken loss. One sum holds both checks
+    (any Inf or NaN in it makes it non-finite), so this costs a single device sync.
+    """
+    total = routing.aux_loss.detach().float() + routing.stats.importance.detach().float().sum()
+    if bool(torch.isfinite(total)):
+        return
+    largest = x_TD.detach().abs().max().item() if x_TD.numel() else 0.0
+    raise ValueError(f"{type(router).__name__}: finite input (largest |x| = {largest:.3g}) gave a non-finite "
+                     f"routing (aux_loss={routing.aux_loss.item()}): its gate logits overflow "
+                     f"{routing.weights.dtype}; scale the router input down (e.g. normalise it)")
+
+
 def token_weights(mask_T: torch.Tensor | None) -> torch.Tensor | None:
     """[T] float32 0/1 weights from a bool mask (None when every token is real)."""
     return None if mask_T is None else mask_T.to(torch.float32)
@@ -145,7 +161,10 @@ class Router(nn.Module):
         check_router_input(x_TD, mask_T, self.dim)
         local = self.local_routing(x_TD, mask_T)
         summed = self.shards.sum_many(*local.sums.values())
-        return self.finish(local, dict(zip(local.sums, summed, strict=True)))
+        routing = self.finish(local, dict(zip(local.sums, summed, strict=True)))
+        if not torch.compiler.is_compiling():
+            check_routing_finite(self, routing, x_TD)
+        return routing
 
     def local_routing(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
                       rows: tuple[int, int] | None = None) -> LocalRouting:

@@ -120,6 +120,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
     with StopRequest() as stop, bar:
         while state.step < loop.steps:
             t0 = time.perf_counter()
+            strategy.progress(f"training step {state.step + 1} of {desc}")
             if lr is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr(state.step)
@@ -133,10 +134,12 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
             state.record(train_step=state.step, **out.values)
             last = state.step == loop.steps
             if evaluate is not None and loop.eval_every and (state.step % loop.eval_every == 0 or last):
+                strategy.progress(f"the evaluation after step {state.step} of {desc}")
                 state.record(valid_step=state.step, **evaluate())
                 model.train()
             stopping = strategy.any(stop.requested)
             if state.step % loop.checkpoint_every == 0 or last or stopping:
+                strategy.progress(f"the checkpoint after step {state.step} of {desc}")
                 save(state)
             bar.set_postfix(_postfix(out.values, loop.tokens_per_step, session_steps, session_start), refresh=False)
             bar.update(1)

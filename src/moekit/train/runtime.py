@@ -41,6 +41,12 @@ def log(quiet: bool, message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def warn(message: str) -> None:
+    """A line on stderr that ``--quiet`` does not silence (something the user must know), from rank 0 only."""
+    if is_main_process():
+        print(message, file=sys.stderr)
+
+
 def environment(device: torch.device | str) -> dict[str, str | int]:
     """Where a run ran, for its metrics.json and report."""
     return {

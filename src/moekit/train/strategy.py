@@ -21,11 +21,17 @@ dicts, gathered from the ranks and written by rank 0 in the single-process forma
 on any number of ranks, one process included, and checkpoints stay loadable with
 ``weights_only=True``. Every rank reads the checkpoint it resumes from, so ``--out`` must be
 readable by all ranks (always true on one machine).
+
+A collective that waits longer than ``--timeout`` seconds ends the run with an error; a wait
+longer than ``--watchdog`` seconds is reported on the console first, naming the ranks that have
+not arrived and where each one last was (``moekit.train.watchdog``). The training loop and every
+method below that meets the other ranks mark the point (``progress``) for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -34,10 +40,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.parallel.groups import TORCHRUN_VARS
+from moekit.parallel.groups import DEFAULT_TIMEOUT_S, TORCHRUN_VARS
 from moekit.train.checkpoint import capture_rng_state, restore_rng_state
 from moekit.train.outdir import ConfigError
 from moekit.train.runtime import resolve_device
+from moekit.train.watchdog import JoinWatch, Watchdog, group_store
+
+DEFAULT_WATCHDOG_S = 60.0  # a wait this long at one point is worth a line on the console
 
 T = TypeVar("T")
 M = TypeVar("M", bound=nn.Module)
@@ -51,6 +60,31 @@ def add_parallel_arg(parser: argparse.ArgumentParser, job: str, limits: str) -> 
              "--expert-parallel`; experts sharded over the N ranks, everything else data-parallel; gloo on "
              "cpu, NCCL on cuda (one GPU per rank); the batch size is the global batch, split over the ranks, "
              f"and the results match a single-process run up to rounding. {limits}")
+    parser.add_argument(
+        "--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+        help=f"with --expert-parallel: a collective (or the start-up) that waits this long for another rank ends "
+             f"the run with an error (default: {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument(
+        "--watchdog", type=_seconds, default=DEFAULT_WATCHDOG_S, metavar="SECONDS",
+        help=f"with --expert-parallel: when the ranks have waited this long for one of them, say which one and "
+             f"where it last was, and again every SECONDS until it arrives (default: {DEFAULT_WATCHDOG_S:g}; 0: never)")
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+_seconds.__name__ = _positive_seconds.__name__ = "float"  # argparse's word for text that is no number
 
 
 def from_args(args: argparse.Namespace) -> tuple[SingleProcess | ExpertParallel, torch.device]:
@@ -72,7 +106,8 @@ def from_args(args: argparse.Namespace) -> tuple[SingleProcess | ExpertParallel,
     device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: CUDA is not available in this torch build or machine")
-    par = ExpertParallel.start(device, vars(args))
+    par = ExpertParallel.start(device, vars(args), timeout_s=getattr(args, "timeout", DEFAULT_TIMEOUT_S),
+                               watchdog_s=getattr(args, "watchdog", DEFAULT_WATCHDOG_S))
     return par, par.device
 
 
@@ -86,6 +121,10 @@ class SingleProcess:
 
     def check_divisible(self, what: str, value: int) -> None:
         pass
+
+    def progress(self, label: str) -> None:
+        """This process reaches ``label`` (e.g. "training step 3 of demo"): for the watchdog of a
+        launch of several ranks; nothing in one process."""
 
     def prepare(self, model: M, config: dict[str, Any]) -> M:
         """``model`` ready to train on this process: expert-parallel under ``ExpertParallel``."""
@@ -158,22 +197,45 @@ class ExpertParallel(SingleProcess):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.is_main = rank == 0
         self.options = dict(options or {})
+        self.watchdog: Watchdog | None = None
+        self._where = "start-up"
 
     @classmethod
-    def start(cls, device: torch.device, options: dict[str, Any]) -> ExpertParallel:
+    def start(cls, device: torch.device, options: dict[str, Any], timeout_s: float = DEFAULT_TIMEOUT_S,
+              watchdog_s: float = DEFAULT_WATCHDOG_S) -> ExpertParallel:
         """Join torchrun's process group and check that every rank got the same ``options`` (the
         parsed command line): ranks given different ``--out`` or ``--steps`` would otherwise
-        fail much later, or not at all."""
+        fail much later, or not at all.
+
+        Collectives time out after ``timeout_s``; a wait longer than ``watchdog_s`` (0: never) is
+        reported, at start-up and at every point the ranks meet (``moekit.train.watchdog``).
+        """
         from moekit.parallel import check_same_config, init_distributed
 
-        info = init_distributed(device)
+        # init_distributed checks torchrun's environment; these two only label the start-up's report.
+        rank, world_size = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+        with JoinWatch(rank, world_size, watchdog_s, timeout_s):
+            info = init_distributed(device, timeout_s=timeout_s)
         par = cls(info.rank, info.world_size, info.device, options)
+        store = group_store() if watchdog_s > 0 else None
+        if store is not None:
+            par.watchdog = Watchdog(store, info.rank, info.world_size, watchdog_s, timeout_s).start()
         try:
+            par._enter("the check that every rank got the same options")
             check_same_config(nn.Module(), extra=par.options)
         except ValueError as e:
             par.close()
             raise ConfigError(str(e)) from e
         return par
+
+    def progress(self, label: str) -> None:
+        self._where = label
+        self._enter("")
+
+    def _enter(self, collective: str) -> None:
+        # Every rank passes the same points in the same order: the watchdog compares their counts.
+        if self.watchdog is not None:
+            self.watchdog.enter(f"{collective} during {self._where}" if collective else self._where)
 
     def check_divisible(self, what: str, value: int) -> None:
         """``ConfigError`` naming ``what`` unless ``value`` splits evenly over the ranks."""
@@ -185,6 +247,7 @@ class ExpertParallel(SingleProcess):
         # or were given different options (``config``).
         from moekit.parallel import parallelize
 
+        self._enter("the start-up checks of the model (parallelize)")
         try:
             return cast(M, parallelize(model, extra_config={**self.options, **config}))
         except ValueError as e:  # a difference between the ranks, or experts that do not split
@@ -202,21 +265,25 @@ class ExpertParallel(SingleProcess):
     def gather(self, x_b: torch.Tensor) -> torch.Tensor:
         from moekit.parallel import ProcessGroupShards
 
+        self._enter("an all_gather of outputs")
         return ProcessGroupShards().gather(x_b.to(self.device))[0]
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().to(self.device, copy=True)
+        self._enter("the all_reduce of a mean over the ranks")
         dist.all_reduce(x)
         return x / self.world_size
 
     def any(self, flag: bool) -> bool:
         t = torch.tensor([int(flag)], device=self.device)
+        self._enter("the all_reduce of the stop flag")
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t)
 
     def clip_and_step(self, model: nn.Module, opt: torch.optim.Optimizer, max_norm: float | None) -> None:
         from moekit.parallel import clip_grad_norm_, sync_gradients
 
+        self._enter("the all_reduce of the gradients")
         sync_gradients(model)
         if max_norm is not None:
             clip_grad_norm_(model, max_norm)
@@ -225,12 +292,14 @@ class ExpertParallel(SingleProcess):
     def state_dicts(self, model: nn.Module, opt: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
         from moekit.parallel import full_optimizer_state_dict, full_state_dict
 
+        self._enter("the gather of the model and optimizer state")
         return full_state_dict(model), None if opt is None else full_optimizer_state_dict(model, opt)
 
     def load_state_dicts(self, model: nn.Module, opt: torch.optim.Optimizer | None, model_state: dict,
                          opt_state: dict | None) -> None:
         from moekit.parallel import load_full_optimizer_state_dict, load_full_state_dict
 
+        self._enter("loading the checkpoint's state")
         load_full_state_dict(model, model_state)
         if opt is not None and opt_state is not None:
             load_full_optimizer_state_dict(model, opt, opt_state)
@@ -249,6 +318,8 @@ class ExpertParallel(SingleProcess):
             torch.cuda.set_rng_state(state["cuda"][0].cpu(), self.device)
 
     def main_only(self, fn: Callable[[], T]) -> T:
+        # Marked before rank 0's work: the ranks waiting for it are then at the same point, not ahead.
+        self._enter("rank 0's work on --out and its broadcast")
         box: list[Any] = [None]
         if self.is_main:
             try:
@@ -265,5 +336,8 @@ class ExpertParallel(SingleProcess):
         return f"{self.world_size} ranks x {device.type} (--expert-parallel, {dist.get_backend()})"
 
     def close(self) -> None:
+        if self.watchdog is not None:  # before the store goes away with the group
+            self.watchdog.stop()
+            self.watchdog = None
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -94,3 +94,44 @@ def test_npz_not_a_zip_or_holding_objects(tmp_path):
         load_npz(tmp_path / "obj.npz")
     with pytest.raises(DataFileError, match="missing.npz.*does not exist"):
         load_npz(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize("change, message", [
+    # One label of 10^9 would ask for a 10^9-row classifier head (256 GB here): refused, not allocated.
+    (lambda a: a["y_train"].__setitem__(0, 10**9), r"1000000001 classes from the largest training label is more "
+                                                   r"than the 100000 classes"),
+    # A test label of no training class is not silently a new class.
+    (lambda a: a["y_test"].__setitem__(0, 5), r"'y_test' holds label 5, beyond the 3 classes from the largest "
+                                              r"training label \(labels must be 0\.\.2"),
+    (lambda a: a.update(num_classes=np.array(2)), r"'y_train' holds label 2, beyond the num_classes=2 as declared"),
+    (lambda a: a.update(num_classes=np.array([3, 4])), r"'num_classes' must be one integer"),
+    (lambda a: a.update(num_classes=np.array(200_000)), r"num_classes=200000 as declared is more than the 100000"),
+    (lambda a: a.update(y_train=np.zeros(8, np.int64), y_test=np.zeros(4, np.int64)), r"a classifier needs at least 2"),
+])
+def test_labels_are_checked_against_the_declared_or_inferred_class_count(tmp_path, change, message):
+    arrays = _arrays()
+    arrays["y_train"] = np.arange(8) % 3  # the largest training label, 2, is present
+    change(arrays)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataFileError, match=r"bad\.npz.*" + message):
+        load_npz(tmp_path / "bad.npz")
+
+
+def test_a_declared_class_count_covers_classes_the_training_labels_lack(tmp_path):
+    arrays = {**_arrays(), "y_train": np.arange(8) % 3, "y_test": np.array([0, 1, 2, 4]), "num_classes": np.array(5)}
+    np.savez(tmp_path / "d.npz", **arrays)
+    assert load_npz(tmp_path / "d.npz").num_classes == 5
+
+
+def test_npz_that_is_a_npy_truncated_or_a_directory_is_named(tmp_path):
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    with pytest.raises(DataFileError, match=r"one\.npy' is a single \.npy array; the image set is an \.npz archive"):
+        load_npz(tmp_path / "one.npy")
+    np.savez(tmp_path / "whole.npz", **_arrays())
+    raw = (tmp_path / "whole.npz").read_bytes()
+    for cut in (len(raw) // 2, len(raw) - 30):
+        (tmp_path / "cut.npz").write_bytes(raw[:cut])
+        with pytest.raises(DataFileError, match=r"cut\.npz' is a damaged or truncated \.npz archive"):
+            load_npz(tmp_path / "cut.npz")
+    with pytest.raises(DataFileError, match="is a directory"):
+        load_npz(tmp_path)

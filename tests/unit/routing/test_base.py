@@ -50,3 +50,22 @@ def test_router_errors_name_the_bad_value(name):
         r(bad)
     with pytest.raises(ValueError, match=r"mask shape \(2,\)"):
         r(torch.randn(3, 8), torch.ones(2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", ALL_ROUTERS)
+@pytest.mark.parametrize("coefficient", ["w_importance", "w_load"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_router_loss_coefficients_must_be_finite_and_non_negative(name, coefficient, value):
+    with pytest.raises(ValueError, match=r"w_\w+=(nan|inf|-1\.0) must be a finite number >= 0"):
+        moekit.build_router(name, 8, 4, 1, **{coefficient: value})
+
+
+def test_input_that_overflows_the_gate_is_refused_not_turned_into_an_inf_loss():
+    # 1e38 is a finite float32, but its logits (x @ w_gate) overflow: the switch router's z-loss,
+    # logsumexp(logits)^2, would be inf and train silently on it.
+    r = moekit.build_router("switch", 8, 4, 1)
+    with torch.no_grad():
+        r.w_gate.fill_(1.0)
+    with pytest.raises(ValueError, match=r"SwitchRouter: finite input \(largest \|x\| = 1e\+38\) gave a non-finite"):
+        r(torch.full((3, 8), 1e38))
+    r(torch.full((3, 8), 1e3))  # large but representable logits are fine

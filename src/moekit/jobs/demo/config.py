@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
-from typing import Any
 
-import moekit
+from moekit.data.vocab import LM_SPECIALS
+from moekit.jobs import options
 from moekit.jobs.lm.config import LMJobConfig
+from moekit.train.outdir import ConfigError
+
+# The routers a language model can use. Each token must be routed from itself alone, as it is at
+# generation time: the expert-choice router ranks every token of the batch for each expert (future
+# tokens included), and E^3's router expects each input repeated once per ensemble member
+# (moekit.ensemble), so neither is offered. Batchwise gating takes each expert's top tokens of the
+# batch in training (Shazeer et al., appendix F) but routes each token by learned thresholds in
+# evaluation, so its validation perplexity is that of a causal model.
+LM_ROUTERS = ("noisy_topk", "topk", "switch", "vmoe", "batchwise")
+NOT_FOR_LM = {"expert_choice": "not causal: each expert picks its tokens from the whole batch",
+              "e3": "an ensemble router: it needs its input tiled per member (moekit.ensemble)"}
 
 
 @dataclass(frozen=True)
@@ -51,17 +62,6 @@ _HELP = {
 }
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its "invalid value" message
-    return parse
-
-
 def add_args(parser: argparse.ArgumentParser) -> None:
     """One option per ``DemoConfig`` field (``--seed`` is a common option of every job)."""
     for field in dataclasses.fields(DemoConfig):
@@ -73,19 +73,40 @@ def add_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(option, metavar="FILE", help=f"{_HELP[name]} (default: the KJV)")
         elif name == "router":
             parser.add_argument(
-                option, choices=moekit.routers(), default=default, help=f"{_HELP[name]} (default: {default})"
+                option, choices=LM_ROUTERS, default=default, help=f"{_HELP[name]} (default: {default})"
             )
         else:
             parser.add_argument(
                 option,
-                type=_positive(type(default)),
+                type=options.positive_float if isinstance(default, float) else options.positive_int,
                 default=default,
                 help=f"{_HELP[name]} (default: {default})",
             )
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    return DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
+    cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: DemoConfig) -> None:
+    """``ConfigError`` naming the first value the demo cannot run with."""
+    for f in dataclasses.fields(DemoConfig):
+        value = getattr(cfg, f.name)
+        if f.name in ("router", "data", "seed"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{f.name}={value!r} must be a finite number > 0")
+    if cfg.router not in LM_ROUTERS:
+        why = NOT_FOR_LM.get(cfg.router, "not a router for language models")
+        raise ConfigError(f"router={cfg.router!r} cannot route a language model ({why}); choose from "
+                          f"{', '.join(LM_ROUTERS)}")
+    if cfg.vocab_size <= len(LM_SPECIALS):
+        raise ConfigError(f"vocab_size={cfg.vocab_size} leaves no room for a word: the vocabulary holds "
+                          f"{len(LM_SPECIALS)} special tokens ({', '.join(LM_SPECIALS)}) first")
+    if cfg.k > cfg.num_experts:
+        raise ConfigError(f"k={cfg.k} exceeds num_experts={cfg.num_experts}")
 
 
 def comparison_config(cfg: DemoConfig) -> LMJobConfig:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.data import Vocab, eval_batches, kjv_corpus, lm_batch, lm_batches, text_file_corpus
+from moekit.data.fingerprint import data_fingerprint
 from moekit.jobs.demo import report
 from moekit.jobs.demo.config import DemoConfig, add_args, comparison_config, config_from_args
 from moekit.jobs.lm import report as lm_report
@@ -46,11 +47,21 @@ class EvalResult(NamedTuple):
     counts: list[int]
     dropped: int
     expert_indices: torch.Tensor  # [N, K], the routing of each token (-1 = empty slot)
-    expert_weights: torch.Tensor  # [N, K], its combine weights
+    expert_weights: torch.Tensor  # [N, K], its combine weights (0 in empty slots)
 
 
 def _sum(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     return value.cpu() if total is None else total + value.cpu()
+
+
+def _cat_slots(parts: list[torch.Tensor], empty: float) -> torch.Tensor:
+    """[N, K] from [N_i, K_i] parts, each padded on the right with ``empty`` slots to the widest K_i.
+
+    A router may give a batch as many slots as its busiest token needs (batchwise gating: 0..E
+    experts per token), so the batches of one evaluation can differ in width.
+    """
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([F.pad(p, (0, width - p.shape[1]), value=empty) for p in parts])
 
 
 @torch.no_grad()
@@ -83,23 +94,25 @@ def evaluate(model: DemoLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     nll_N = torch.cat(nll)
     loss = nll_N.mean().item()
     return EvalResult(loss, math.exp(loss), torch.cat(targets), nll_N, importance.tolist(), load.tolist(),
-                      counts.tolist(), dropped, torch.cat(indices), torch.cat(weights))
+                      counts.tolist(), dropped, _cat_slots(indices, -1), _cat_slots(weights, 0.0))
 
 
-def load_data(cfg: DemoConfig) -> tuple[Vocab, torch.Tensor, torch.Tensor, str]:
-    """Vocabulary (from the training split only) and the encoded train/valid streams."""
+def load_data(cfg: DemoConfig) -> tuple[Vocab, torch.Tensor, torch.Tensor, str, dict]:
+    """Vocabulary (from the training split only), the encoded train/valid streams, a description of
+    the source and the data's fingerprint (``moekit.data.fingerprint``)."""
     corpus = kjv_corpus() if cfg.data is None else text_file_corpus(cfg.data)
     if len(corpus.train) <= cfg.seq_len:
         raise ConfigError(f"seq_len={cfg.seq_len} needs more than the {len(corpus.train)} training tokens")
     vocab = Vocab.build(corpus.train, cfg.vocab_size)
-    return vocab, vocab.encode(corpus.train), vocab.encode(corpus.valid), corpus.source
+    fingerprint = data_fingerprint(cfg.data, corpus.train, corpus.valid, corpus.test)
+    return vocab, vocab.encode(corpus.train), vocab.encode(corpus.valid), corpus.source, fingerprint
 
 
 def run(args: argparse.Namespace) -> int:
     """The demo job: train (or resume), evaluate, write the out directory, print a summary."""
     cfg = config_from_args(args)
     device = resolve_device(args.device)
-    vocab, train_ids, valid_ids, source = load_data(cfg)
+    vocab, train_ids, valid_ids, source, fingerprint = load_data(cfg)
     seed_everything(cfg.seed)
     try:
         model = DemoLM(len(vocab), cfg.dim, cfg.num_experts, cfg.k, cfg.hidden_dim, cfg.router, device=device)
@@ -109,9 +122,10 @@ def run(args: argparse.Namespace) -> int:
     # Only now, with the data and the model known to work, is the out directory touched.
     out = Path(args.out)
     resume_from = prepare_out_dir(out, dataclasses.asdict(cfg), resume=args.resume, force=args.force)
-    session = Session(out, fingerprint={"vocab": vocab.to_list()})
+    session = Session(out, fingerprint={"vocab": vocab.to_list(), "data": fingerprint},
+                      config=dataclasses.asdict(cfg))
     if resume_from is not None:
-        session.restore(resume_from)
+        resume_from = session.restore(resume_from)
     state = session.start(RUN, model, opt)
     if state.step:
         log(args.quiet, f"resuming from {resume_from} (step {state.step} of {cfg.steps})")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moekit.jobs import options
 from moekit.train.outdir import ConfigError
 from moekit.train.strategy import add_parallel_arg
 
@@ -73,15 +74,19 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="cpu-small: all models in 5-15 minutes on one CPU thread; gpu: full data, "
                              "wider ViT (default: cpu-small)")
     parser.add_argument("--data", metavar="FILE.npz",
-                        help="image set with arrays x_train, y_train, x_test, y_test (optional x_ood) "
-                             "instead of Fashion-MNIST")
-    parser.add_argument("--steps", type=int, help="training steps of every run (default: the preset's)")
-    parser.add_argument("--finetune-steps", type=int, help="fine-tuning steps of e3-init (default: the preset's)")
+                        help="image set with arrays x_train, y_train, x_test, y_test (optional x_ood, and "
+                             "num_classes when the training labels do not show the largest class) instead of "
+                             "Fashion-MNIST")
+    parser.add_argument("--steps", type=options.positive_int,
+                        help="training steps of every run (default: the preset's)")
+    parser.add_argument("--finetune-steps", type=options.positive_int,
+                        help="fine-tuning steps of e3-init (default: the preset's)")
     parser.add_argument("--k", type=int, choices=(1, 2), default=1, help="experts per token (default: 1)")
-    parser.add_argument("--checkpoint-every", type=int, help="checkpoint every this many steps (default: preset's)")
-    parser.add_argument("--train-examples", type=int,
+    parser.add_argument("--checkpoint-every", type=options.positive_int,
+                        help="checkpoint every this many steps (default: preset's)")
+    parser.add_argument("--train-examples", type=options.positive_int,
                         help="train on a fixed random subset of this many images (default: the preset's)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=options.threads, help="torch CPU threads (default: torch's choice)")
     add_parallel_arg(parser, "ensemble", "N must divide the batch size (64 in cpu-small, 256 in gpu) and the "
                                          "8 experts; every model is trained this way (dense: data-parallel).")
 

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from moekit.data import DataFileError
+from moekit.data.fingerprint import data_fingerprint
 from moekit.data.images import ImageSplits, load_fashion_mnist, load_npz
 from moekit.data.sampling import epoch_batch
 from moekit.ensemble import init_e3_from_vmoe
@@ -75,13 +77,16 @@ class Tensors:
     x_ood: torch.Tensor | None
 
 
-def load_data(cfg: EnsembleConfig) -> ImageSplits:
+def load_data(cfg: EnsembleConfig) -> tuple[ImageSplits, dict[str, Any]]:
+    """The image set (the configured subsets of it) and the fingerprint of all that was loaded."""
     data = load_npz(cfg.data) if cfg.data else load_fashion_mnist()
+    fingerprint = data_fingerprint(cfg.data, data.x_train, data.y_train, data.x_test, data.y_test, data.x_ood,
+                                   data.num_classes)
     rng = np.random.default_rng(0)
     take_train = _subset(rng, len(data.x_train), cfg.train_examples)
     take_test = _subset(rng, len(data.x_test), cfg.test_examples)
     return dataclasses.replace(data, x_train=data.x_train[take_train], y_train=data.y_train[take_train],
-                               x_test=data.x_test[take_test], y_test=data.y_test[take_test])
+                               x_test=data.x_test[take_test], y_test=data.y_test[take_test]), fingerprint
 
 
 def _subset(rng: np.random.Generator, n: int, size: int | None) -> np.ndarray:
@@ -89,15 +94,30 @@ def _subset(rng: np.random.Generator, n: int, size: int | None) -> np.ndarray:
 
 
 def to_tensors(data: ImageSplits, device) -> Tensors:
-    # Per-channel standardisation with the training set's statistics, applied to every set.
-    mean = data.x_train.mean(axis=(0, 2, 3), keepdims=True)
-    std = data.x_train.std(axis=(0, 2, 3), keepdims=True) + 1e-6
+    """Per-channel standardisation with the training set's statistics, applied to every set.
 
-    def prep(x):
-        return None if x is None else torch.from_numpy((x - mean) / std).float().to(device)
+    ``DataFileError`` when it is not finite: pixel values whose squares overflow float32 (beyond
+    about 1e19) would make the std infinite and every standardised pixel 0.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as an error
+        mean = data.x_train.mean(axis=(0, 2, 3), keepdims=True)
+        std = data.x_train.std(axis=(0, 2, 3), keepdims=True) + 1e-6
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise DataFileError(f"{data.source}: x_train's pixel values (up to {np.abs(data.x_train).max():.3g}) are too "
+                            "large to standardise in float32; scale the images to a moderate range such as [0, 1]")
 
-    return Tensors(prep(data.x_train), torch.from_numpy(data.y_train).to(device), prep(data.x_test),
-                   torch.from_numpy(data.y_test).to(device), prep(data.x_ood))
+    def prep(x, key):
+        if x is None:
+            return None
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = (x - mean) / std
+        if not np.isfinite(x).all():
+            raise DataFileError(f"{data.source}: {key}'s pixel values leave the float32 range when standardised "
+                                "with x_train's statistics; scale the images to the range of x_train")
+        return torch.from_numpy(x).float().to(device)
+
+    return Tensors(prep(data.x_train, "x_train"), torch.from_numpy(data.y_train).to(device),
+                   prep(data.x_test, "x_test"), torch.from_numpy(data.y_test).to(device), prep(data.x_ood, "x_ood"))
 
 
 def train_run(spec: RunSpec, model: ViTMoE, tensors: Tensors, cfg: EnsembleConfig, session: Session,
@@ -213,7 +233,8 @@ def _run(args: argparse.Namespace, cfg: EnsembleConfig, par: SingleProcess, devi
     """``run`` once the ranks (if any) have started; every rank calls this, rank 0 alone writes."""
     quiet = args.quiet or not par.is_main
     check_parallel(cfg, par)
-    data = load_data(cfg)
+    data, fingerprint = load_data(cfg)
+    tensors = to_tensors(data, device)  # before --out is touched: standardisation can fail on odd data
     try:
         build_model(cfg, "e3", data, "meta")  # fail on a bad configuration before touching --out
     except ValueError as e:
@@ -231,11 +252,10 @@ def _run(args: argparse.Namespace, cfg: EnsembleConfig, par: SingleProcess, devi
         return resume_from
 
     resume_from = par.main_only(prepare)
-    session = Session(out, strategy=par)
+    session = Session(out, fingerprint={"data": fingerprint}, strategy=par, config=dataclasses.asdict(cfg))
     if resume_from is not None:
-        session.restore(resume_from)
+        resume_from = session.restore(resume_from)
         log(quiet, f"resuming from {resume_from} ({len(session.finished)} run(s) finished)")
-    tensors = to_tensors(data, device)
     run_all(cfg, data, tensors, device, session, quiet, par)
     env = environment(par.describe(device))
     vit = dataclasses.asdict(build_model(cfg, "dense", data, "meta").vit)  # the patch size actually used

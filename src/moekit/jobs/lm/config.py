@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from moekit.data.vocab import LM_SPECIALS
+from moekit.jobs import options
 from moekit.models.lstm_lm import MODEL_NAMES, LSTMLMConfig
 from moekit.train.outdir import ConfigError
 from moekit.train.strategy import add_parallel_arg
@@ -70,22 +73,22 @@ class Trial(NamedTuple):
     w_load: float
 
 
-_OPTIONS: dict[str, tuple[type, str]] = {
-    "dim": (int, "model width D (expert hidden 2*D)"),
-    "k": (int, "experts per token of the flat MoEs (hierarchical: sqrt(k) per level)"),
-    "dropout": (float, "dropout on every layer's output"),
-    "vocab_size": (int, "vocabulary cap, <unk> and <eos> included"),
-    "steps": (int, "training steps per model"),
-    "batch_size": (int, "sequences per batch"),
-    "seq_len": (int, "tokens per sequence"),
-    "lr": (float, "Adam's peak learning rate"),
-    "warmup": (int, "linear warm-up steps, then 1/sqrt(step) decay"),
-    "clip": (float, "gradient-norm clipping threshold"),
-    "w_importance": (float, "coefficient of the importance loss (--ablation varies it)"),
-    "w_load": (float, "coefficient of the load loss (--ablation varies it)"),
-    "eval_every": (int, "validate every this many steps"),
-    "eval_tokens": (int, "validation tokens per evaluation during training (the final one uses all)"),
-    "checkpoint_every": (int, "checkpoint every this many steps"),
+_OPTIONS: dict[str, tuple[Any, str]] = {
+    "dim": (options.positive_int, "model width D (expert hidden 2*D)"),
+    "k": (options.positive_int, "experts per token of the flat MoEs (hierarchical: sqrt(k) per level)"),
+    "dropout": (options.dropout_rate, "dropout on every layer's output"),
+    "vocab_size": (options.positive_int, "vocabulary cap, <unk> and <eos> included"),
+    "steps": (options.positive_int, "training steps per model"),
+    "batch_size": (options.positive_int, "sequences per batch"),
+    "seq_len": (options.positive_int, "tokens per sequence"),
+    "lr": (options.positive_float, "Adam's peak learning rate"),
+    "warmup": (options.positive_int, "linear warm-up steps, then 1/sqrt(step) decay"),
+    "clip": (options.positive_float, "gradient-norm clipping threshold"),
+    "w_importance": (options.non_negative_float, "coefficient of the importance loss (--ablation varies it)"),
+    "w_load": (options.non_negative_float, "coefficient of the load loss (--ablation varies it)"),
+    "eval_every": (options.positive_int, "validate every this many steps"),
+    "eval_tokens": (options.positive_int, "validation tokens per evaluation during training (the final one uses all)"),
+    "checkpoint_every": (options.positive_int, "checkpoint every this many steps"),
 }
 _FIXED_DEFAULTS = {"k": 4, "clip": 1.0, "w_importance": 0.1, "w_load": 0.1}
 
@@ -99,7 +102,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablation", action="store_true",
                         help="train the models once per (w_importance, w_load) of the paper's Table 6")
     parser.add_argument("--data", metavar="FILE", help="UTF-8 text file to use instead of the King James Bible")
-    parser.add_argument("--threads", type=int, metavar="N",
+    parser.add_argument("--threads", type=options.threads, metavar="N",
                         help="torch CPU threads (default: torch's choice); not part of the run's configuration")
     add_parallel_arg(parser, "lm", "N must divide --batch-size and the experts of every MoE model of --models; "
                                    "every model of the run is trained this way (dense ones data-parallel).")
@@ -133,11 +136,16 @@ def check_config(cfg: LMJobConfig) -> None:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 1")
     for name in ("lr", "clip"):
-        if not getattr(cfg, name) > 0:
-            raise ConfigError(f"{name}={getattr(cfg, name)} must be > 0")
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be a finite number > 0")
     for name in ("w_importance", "w_load"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 0")
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be a finite number >= 0")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"dropout={cfg.dropout} must be in [0, 1)")
+    if cfg.vocab_size <= len(LM_SPECIALS):
+        raise ConfigError(f"vocab_size={cfg.vocab_size} leaves no room for a word: the vocabulary holds "
+                          f"{len(LM_SPECIALS)} special tokens ({', '.join(LM_SPECIALS)}) first")
     for trial in cfg.trials():
         try:
             cfg.model_config(trial, cfg.vocab_size).check()

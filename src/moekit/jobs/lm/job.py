@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.data import KJV_BOOKS, KJV_SPLIT, Vocab, eval_batches, kjv_corpus, lm_batch, text_file_corpus
+from moekit.data.fingerprint import data_fingerprint
 from moekit.jobs.lm import report
 from moekit.jobs.lm.config import (
     PRESETS,
@@ -55,6 +56,7 @@ class LMData(NamedTuple):
     test: torch.Tensor
     source: str
     split: str  # how the corpus was split, in words
+    fingerprint: dict[str, Any] | None = None  # of the loaded corpus (moekit.data.fingerprint)
 
 
 def check_parallel(cfg: LMJobConfig, par: SingleProcess) -> None:
@@ -109,7 +111,7 @@ def load_data(cfg: LMJobConfig) -> LMData:
         raise ConfigError(f"seq_len={cfg.seq_len} needs more than the {len(corpus.train)} training tokens")
     vocab = Vocab.build(corpus.train, cfg.vocab_size)
     return LMData(vocab, vocab.encode(corpus.train), vocab.encode(corpus.valid), vocab.encode(corpus.test),
-                  corpus.source, split)
+                  corpus.source, split, data_fingerprint(cfg.data, corpus.train, corpus.valid, corpus.test))
 
 
 def padded_batches(
@@ -269,10 +271,11 @@ def execute(cfg: LMJobConfig, out: Path, device: torch.device, *, resume: bool, 
     # Only now, with the data and every model's config known to work, is the out directory touched.
     resume_from = par.main_only(lambda: prepare_out_dir(out, dataclasses.asdict(cfg), resume=resume, force=force))
     quiet = quiet or not par.is_main
-    session = Session(out, fingerprint={"vocab": data.vocab.to_list()}, strategy=par)
+    session = Session(out, fingerprint={"vocab": data.vocab.to_list(), "data": data.fingerprint}, strategy=par,
+                      config=dataclasses.asdict(cfg))
     trials = cfg.trials()
     if resume_from is not None:
-        session.restore(resume_from)
+        resume_from = session.restore(resume_from)
         at = f", {session.pending_run} in progress" if session.pending_run else ""
         log(quiet, f"resuming from {resume_from} ({len(session.finished)} of {len(trials)} models finished{at})")
     for index, trial in enumerate(trials):
@@ -290,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.threads is not None:
         if args.threads < 1:
-            raise ConfigError(f"threads={args.threads} must be >= 1")
+            raise ConfigError(f"--threads {args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
     par, device = from_args(args)
     try:

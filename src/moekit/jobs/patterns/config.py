@@ -7,6 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from moekit.data.pairs import SYNTHETIC_RULES
+from moekit.data.vocab import SEQ2SEQ_SPECIALS
+from moekit.jobs import options
 from moekit.models.spmoe import SPMoEConfig
 from moekit.train.outdir import ConfigError
 
@@ -96,6 +99,14 @@ def make_config(models: Sequence[str], patterns: int, preset: str, data: str | N
     if beam < 1:
         raise ValueError(f"--beam {beam} must be >= 1")
     sizes = PRESETS[preset]
+    if data == SYNTHETIC and patterns > len(SYNTHETIC_RULES):
+        raise ValueError(f"--patterns {patterns}: the synthetic set has {len(SYNTHETIC_RULES)} patterns "
+                         f"({', '.join(SYNTHETIC_RULES)})")
+    # hMoEup gives each pattern a token of the vocabulary; words must still fit beside them.
+    if len(SEQ2SEQ_SPECIALS) + patterns >= sizes.vocab_size:
+        raise ValueError(f"--patterns {patterns} needs {patterns} pattern tokens, more than the vocabulary of "
+                         f"preset {preset!r} ({sizes.vocab_size} tokens, {len(SEQ2SEQ_SPECIALS)} of them special) "
+                         "can hold beside the words")
     if steps is not None:
         if steps < 1:
             raise ValueError(f"--steps {steps} must be >= 1")
@@ -111,16 +122,18 @@ def expert_token(i: int) -> str:
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated models to compare, from {', '.join(MODELS)} (default: all)")
-    parser.add_argument("--patterns", type=int, default=3, metavar="K", help="outputs per input (default: 3)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per network (default: the preset's)")
+    parser.add_argument("--patterns", type=options.positive_int, default=3, metavar="K",
+                        help="outputs per input, at least 2 (default: 3)")
+    parser.add_argument("--steps", type=options.positive_int, default=None,
+                        help="training steps per network (default: the preset's)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="sizes and schedule (default: cpu-small, or synthetic with --data synthetic)")
-    parser.add_argument("--beam", type=int, default=4,
+    parser.add_argument("--beam", type=options.positive_int, default=4,
                         help="beam width of the beam baseline (at least K) and of each pattern's search (default: 4)")
     parser.add_argument("--head", choices=("adapter", "full"), default="adapter",
                         help="SPMoE pattern head: a D x D adapter before the shared projection, or a full "
                              "output layer per pattern (default: adapter)")
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=options.threads_or_zero, default=0,
                         help="CPU threads for torch (default: 0 = torch's own choice)")
     parser.add_argument("--data", metavar="FILE.jsonl", default=None,
                         help='JSON lines {"source": str, "targets": [str, ...]}, or "synthetic" for the set '

@@ -24,6 +24,7 @@ import torch
 
 from moekit.data import DataFileError
 from moekit.data.bible import kjv_web_examples
+from moekit.data.fingerprint import data_fingerprint
 from moekit.data.pairs import (
     EncodedPairs,
     Example,
@@ -206,11 +207,12 @@ def run(args: argparse.Namespace) -> int:
     train_examples, test, what = load_examples(cfg)
     vocab = pair_vocab(train_examples, cfg.sizes.vocab_size, extra=[expert_token(i) for i in range(cfg.patterns)])
     pairs = encode_pairs(train_examples, vocab, cfg.sizes.max_len, cfg.sizes.max_len)
+    fingerprint = data_fingerprint(None if cfg.data in (None, SYNTHETIC) else cfg.data, train_examples, test)
     out = Path(args.out)
     resume_from = prepare_out_dir(out, dataclasses.asdict(cfg), resume=args.resume, force=args.force)
-    session = Session(out, fingerprint={"vocab": vocab.to_list()})
+    session = Session(out, fingerprint={"vocab": vocab.to_list(), "data": fingerprint}, config=dataclasses.asdict(cfg))
     if resume_from is not None:
-        session.restore(resume_from)
+        resume_from = session.restore(resume_from)
         log(args.quiet, f"resuming from {resume_from}")
     nets, summaries = {}, {}
     for name in cfg.networks():
