@@ -22,6 +22,7 @@ LM = ["--dim", "8", "--steps", "2", "--batch-size", "4", "--seq-len", "8", "--vo
       "--device", "cpu", "--quiet"]
 ENSEMBLE = ["--steps", "2", "--models", "dense", "--device", "cpu", "--quiet"]
 PATTERNS = ["--preset", "tiny", "--patterns", "2", "--device", "cpu", "--quiet"]
+UPCYCLE = ["--preset", "tiny", "--device", "cpu", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +115,21 @@ CASES = [
     ("patterns", ["--beam", "0"], "--beam: must be an integer >= 1"),
     ("patterns", ["--data", "{bad_jsonl}"], "bad.jsonl:1: 'targets' must be a non-empty list"),
     ("patterns", ["--data", "{npz}"], "cannot read pair data"),
+    # upcycle
+    ("upcycle", ["--lr", "-1"], "--lr: must be a finite number > 0, got '-1'"),
+    ("upcycle", ["--noise", "nan"], "--noise: must be a finite number >= 0, got 'nan'"),
+    ("upcycle", ["--threads", "0"], "--threads: must be an integer from 1 to 1024, got '0'"),
+    ("upcycle", ["--k", "9", "--num-experts", "4"], "k=9 exceeds num_experts=4"),
+    ("upcycle", ["--heads", "3"], "is not a multiple of heads=3"),
+    ("upcycle", ["--data", "{binary}"], "binary.txt' looks binary"),
     # bench
     ("bench", ["--quick", "--threads", "0"], "--threads: must be an integer from 1 to 1024, got '0'"),
     ("bench", ["--quick", "--repeats", "0"], "--repeats: must be an integer >= 1, got '0'"),
     ("bench", ["--quick", "--only", "nomatch"], "--only 'nomatch' matches no configuration"),
 ]
-DEFAULT_DATA = {"demo": "{text}", "lm": "{text}", "ensemble": "{npz}", "patterns": "{pairs}", "bench": None}
-COMMON = {"demo": DEMO, "lm": LM, "ensemble": ENSEMBLE, "patterns": PATTERNS, "bench": []}
+DEFAULT_DATA = {"demo": "{text}", "lm": "{text}", "ensemble": "{npz}", "patterns": "{pairs}", "upcycle": "{text}",
+                "bench": None}
+COMMON = {"demo": DEMO, "lm": LM, "ensemble": ENSEMBLE, "patterns": PATTERNS, "upcycle": UPCYCLE, "bench": []}
 
 
 def _argv(job, options, files, out):
@@ -145,7 +154,7 @@ def test_a_user_error_is_one_line_and_exit_status_2(job, options, message, files
     assert not out.exists()  # refused before the out directory was touched
 
 
-@pytest.mark.parametrize("job", ["demo", "lm", "ensemble", "patterns", "bench"])
+@pytest.mark.parametrize("job", ["demo", "lm", "ensemble", "patterns", "upcycle", "bench"])
 @pytest.mark.parametrize("where", ["under a file", "a file"])
 def test_an_out_that_cannot_be_a_directory_is_named(job, where, files, capsys):
     out = files["a-file"] / "out" if where == "under a file" else files["a-file"]

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
+from moekit.jobs import options
 from moekit.train.outdir import ConfigError
 
 # Settings a preset fills in; an option given on the command line wins. tiny is for tests;
@@ -58,28 +59,28 @@ class UpcycleConfig:
     data: str | None
 
 
-_OPTIONS: dict[str, tuple[type, str]] = {
-    "dim": (int, "model width"),
-    "layers": (int, "decoder layers"),
-    "heads": (int, "attention heads (dim must be a multiple)"),
-    "hidden_dim": (int, "hidden width of the dense MLP, and so of every expert"),
-    "vocab_size": (int, "vocabulary cap, <unk> and <eos> included"),
-    "seq_len": (int, "tokens per sequence"),
-    "batch_size": (int, "sequences per batch"),
-    "dense_steps": (int, "training steps of the dense model before the two continuations"),
-    "continue_steps": (int, "training steps of each continuation (dense, and upcycled)"),
-    "num_experts": (int, "experts per upcycled MLP"),
-    "k": (int, "experts per token"),
-    "lr": (float, "AdamW's peak learning rate"),
-    "warmup": (int, "linear warm-up steps of the dense training, then 1/sqrt(step) decay"),
-    "rewarmup": (int, "linear warm-up steps of each continuation's fresh optimizer"),
-    "clip": (float, "gradient-norm clipping threshold"),
-    "w_importance": (float, "coefficient of the upcycled routers' importance loss"),
-    "w_load": (float, "coefficient of the upcycled routers' load loss"),
-    "noise": (float, "relative noise added to each expert's copy of the MLP weights"),
-    "eval_every": (int, "validate every this many steps"),
-    "eval_tokens": (int, "validation tokens per evaluation during training (the final one uses all)"),
-    "checkpoint_every": (int, "checkpoint every this many steps"),
+_OPTIONS: dict[str, tuple[Any, str]] = {
+    "dim": (options.positive_int, "model width"),
+    "layers": (options.positive_int, "decoder layers"),
+    "heads": (options.positive_int, "attention heads (dim must be a multiple)"),
+    "hidden_dim": (options.positive_int, "hidden width of the dense MLP, and so of every expert"),
+    "vocab_size": (options.positive_int, "vocabulary cap, <unk> and <eos> included"),
+    "seq_len": (options.positive_int, "tokens per sequence"),
+    "batch_size": (options.positive_int, "sequences per batch"),
+    "dense_steps": (options.positive_int, "training steps of the dense model before the two continuations"),
+    "continue_steps": (options.positive_int, "training steps of each continuation (dense, and upcycled)"),
+    "num_experts": (options.positive_int, "experts per upcycled MLP"),
+    "k": (options.positive_int, "experts per token"),
+    "lr": (options.positive_float, "AdamW's peak learning rate"),
+    "warmup": (options.positive_int, "linear warm-up steps of the dense training, then 1/sqrt(step) decay"),
+    "rewarmup": (options.positive_int, "linear warm-up steps of each continuation's fresh optimizer"),
+    "clip": (options.positive_float, "gradient-norm clipping threshold"),
+    "w_importance": (options.non_negative_float, "coefficient of the upcycled routers' importance loss"),
+    "w_load": (options.non_negative_float, "coefficient of the upcycled routers' load loss"),
+    "noise": (options.non_negative_float, "relative noise added to each expert's copy of the MLP weights"),
+    "eval_every": (options.positive_int, "validate every this many steps"),
+    "eval_tokens": (options.positive_int, "validation tokens per evaluation during training (the final one uses all)"),
+    "checkpoint_every": (options.positive_int, "checkpoint every this many steps"),
 }
 
 
@@ -89,7 +90,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="sizes and schedule (default: cpu-small, about 20 minutes on 2 CPU cores; tiny: "
                              "seconds, for tests); options given here win")
     parser.add_argument("--data", metavar="FILE", help="UTF-8 text file to use instead of the King James Bible")
-    parser.add_argument("--threads", type=int, metavar="N",
+    parser.add_argument("--threads", type=options.threads, metavar="N",
                         help="torch CPU threads (default: torch's choice); not part of the run's configuration")
     for name, (kind, text) in _OPTIONS.items():
         default = FIXED_DEFAULTS.get(name)

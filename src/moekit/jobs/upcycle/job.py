@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.data import Vocab, eval_batches, kjv_corpus, lm_batch, text_file_corpus
+from moekit.data.fingerprint import data_fingerprint
 from moekit.jobs.upcycle import report
 from moekit.jobs.upcycle.config import PRESETS, UpcycleConfig, add_args, command_line, config_from_args
 from moekit.train.loop import LoopConfig, StepOutput, train
@@ -47,6 +48,7 @@ class Data(NamedTuple):
     valid: torch.Tensor
     test: torch.Tensor
     source: str
+    fingerprint: dict[str, Any]  # of the loaded corpus (moekit.data.fingerprint)
 
 
 def require_hf():
@@ -65,7 +67,7 @@ def load_data(cfg: UpcycleConfig) -> Data:
         raise ConfigError(f"seq_len={cfg.seq_len} needs more than the {len(corpus.train)} training tokens")
     vocab = Vocab.build(corpus.train, cfg.vocab_size)
     return Data(vocab, vocab.encode(corpus.train), vocab.encode(corpus.valid), vocab.encode(corpus.test),
-                corpus.source)
+                corpus.source, data_fingerprint(cfg.data, corpus.train, corpus.valid, corpus.test))
 
 
 def dense_model(cfg: UpcycleConfig, vocab: Vocab, device: torch.device) -> nn.Module:
@@ -175,7 +177,8 @@ def execute(cfg: UpcycleConfig, out: Path, device: torch.device, *, resume: bool
     require_hf()
     data = load_data(cfg)
     resume_from = prepare_out_dir(out, dataclasses.asdict(cfg), resume=resume, force=force)
-    session = Session(out, fingerprint={"vocab": data.vocab.to_list()})
+    session = Session(out, fingerprint={"vocab": data.vocab.to_list(), "data": data.fingerprint},
+                      config=dataclasses.asdict(cfg))
     if resume_from is not None:
         session.restore(resume_from)
         at = f", {session.pending_run} in progress" if session.pending_run else ""
@@ -190,8 +193,6 @@ def run(args: argparse.Namespace) -> int:
     """The upcycle job: train (or resume) the three runs, evaluate, write the out directory, print the table."""
     cfg = config_from_args(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"threads={args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
     metrics = execute(cfg, Path(args.out), resolve_device(args.device), resume=args.resume, force=args.force,
                       quiet=args.quiet)
