@@ -210,6 +210,20 @@ def test_expert_parallel_outside_torchrun_says_to_launch_with_torchrun(tmp_path,
     assert not (tmp_path / "lm").exists() and not (tmp_path / "ens").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--fsdp", "--ep-size", "1"], ["--ep-size", "2"]],
+                         ids=["2x1-fsdp", "1x2-replicate"])
+def test_lm_on_a_2_rank_mesh_matches_the_single_process_run(tmp_path, text_file, lm_single, layout):
+    # The ("dp", "ep") layouts of moekit.parallel.parallelize: FSDP2 with the experts replicated on
+    # both ranks (2x1), and the experts sharded over both ranks with the dense part replicated by
+    # FSDP2's replicate (1x2). Both train what one process trains on the global batch.
+    out = tmp_path / "mesh"
+    ok(moekit_on_2_ranks("lm", *lm_args(out, text_file), *layout))
+    assert_same_lm_results(out, lm_single)
+    layout_name = "2x1 fsdp" if "--fsdp" in layout else "1x2 replicate"
+    assert metrics(out)["environment"]["device"] == f"2 ranks x cpu (--expert-parallel, {layout_name}, gloo)"
+
+
 def test_several_processes_without_the_flag_are_refused(tmp_path, text_file, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["lm", *lm_args(tmp_path / "lm", text_file)]) == 2
@@ -231,6 +245,13 @@ def test_experts_or_batch_that_do_not_split_over_the_ranks_are_named():
     with pytest.raises(ConfigError, match="num_experts=8 is not divisible by the 3 ranks"):
         ensemble_job.check_parallel(ensemble_job.EnsembleConfig(batch_size=63), three)
     ensemble_job.check_parallel(ensemble_job.EnsembleConfig(batch_size=63, models=("dense",)), three)
+    # With --ep-size the experts split over a group of P ranks, the batch still over all of them.
+    six_by_three = ExpertParallel(rank=0, world_size=6, device=torch.device("cpu"), ep_size=3)
+    ensemble_job.check_parallel(ensemble_job.EnsembleConfig(batch_size=12, num_experts=6), six_by_three)
+    with pytest.raises(ConfigError, match="num_experts=8 is not divisible by --ep-size 3"):
+        ensemble_job.check_parallel(ensemble_job.EnsembleConfig(batch_size=12, num_experts=8), six_by_three)
+    with pytest.raises(ConfigError, match="--ep-size 4 does not divide the 6 ranks"):
+        ExpertParallel(rank=0, world_size=6, device=torch.device("cpu"), ep_size=4)
 
 
 @pytest.mark.slow

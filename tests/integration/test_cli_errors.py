@@ -66,6 +66,9 @@ CASES = [
     ("demo", ["--device", "cuda:99"], "device 'cuda:99'"),
     ("ensemble", ["--device", "nonsense"], "unknown device 'nonsense'"),
     ("demo", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("lm", ["--fsdp"], "--fsdp lay out the ranks of a torchrun launch: add --expert-parallel"),
+    ("ensemble", ["--ep-size", "2", "--fsdp"], "--ep-size and --fsdp lay out the ranks"),
+    ("lm", ["--ep-size", "0"], "--ep-size: must be an integer >= 1, got '0'"),
     # demo
     ("demo", ["--lr", "inf"], "--lr: must be a finite number > 0, got 'inf'"),
     ("demo", ["--lr", "nan"], "--lr: must be a finite number > 0, got 'nan'"),

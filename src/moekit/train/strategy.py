@@ -61,6 +61,16 @@ def add_parallel_arg(parser: argparse.ArgumentParser, job: str, limits: str) -> 
              "cpu, NCCL on cuda (one GPU per rank); the batch size is the global batch, split over the ranks, "
              f"and the results match a single-process run up to rounding. {limits}")
     parser.add_argument(
+        "--ep-size", type=_ep_size, default=None, metavar="P",
+        help="with --expert-parallel: shard each MoE layer's experts over groups of P consecutive ranks (P must "
+             "divide N and the number of experts) and replicate them across the N/P groups: a 2-D mesh "
+             "('dp', 'ep') of N/P x P ranks, e.g. P = the GPUs of one node (default: all N ranks, one group)")
+    parser.add_argument(
+        "--fsdp", action="store_true",
+        help="with --expert-parallel: shard the dense parameters, gradients and optimizer state over all ranks "
+             "and each expert block over its replicas with torch's FSDP2 (fully_shard); gradients are "
+             "reduced during the backward pass (default: dense parameters replicated)")
+    parser.add_argument(
         "--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
         help=f"with --expert-parallel: a collective (or the start-up) that waits this long for another rank ends "
              f"the run with an error (default: {DEFAULT_TIMEOUT_S:g})")
@@ -87,12 +97,26 @@ def _positive_seconds(text: str) -> float:
 _seconds.__name__ = _positive_seconds.__name__ = "float"  # argparse's word for text that is no number
 
 
+def _ep_size(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+_ep_size.__name__ = "int"
+
+
 def from_args(args: argparse.Namespace) -> tuple[SingleProcess | ExpertParallel, torch.device]:
     """The job's way of running and its device: ``ExpertParallel`` when ``--expert-parallel`` was given.
 
     Raises ``ConfigError`` for ``--expert-parallel`` outside torchrun, and for a launch of several
     processes without it (they would each run the whole job into the same ``--out``).
     """
+    mesh_options = [name for name, given in (("--ep-size", getattr(args, "ep_size", None) is not None),
+                                             ("--fsdp", getattr(args, "fsdp", False))) if given]
+    if mesh_options and not args.expert_parallel:
+        raise ConfigError(f"{' and '.join(mesh_options)} lay out the ranks of a torchrun launch: add --expert-parallel")
     if not args.expert_parallel:
         world = os.environ.get("WORLD_SIZE")
         if world is not None and world.isdigit() and int(world) > 1:
@@ -107,7 +131,8 @@ def from_args(args: argparse.Namespace) -> tuple[SingleProcess | ExpertParallel,
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: CUDA is not available in this torch build or machine")
     par = ExpertParallel.start(device, vars(args), timeout_s=getattr(args, "timeout", DEFAULT_TIMEOUT_S),
-                               watchdog_s=getattr(args, "watchdog", DEFAULT_WATCHDOG_S))
+                               watchdog_s=getattr(args, "watchdog", DEFAULT_WATCHDOG_S),
+                               ep_size=getattr(args, "ep_size", None), fsdp=getattr(args, "fsdp", False))
     return par, par.device
 
 
@@ -120,7 +145,10 @@ class SingleProcess:
     is_main = True
 
     def check_divisible(self, what: str, value: int) -> None:
-        pass
+        """``ConfigError`` naming ``what`` unless ``value`` (a global batch) splits evenly over the ranks."""
+
+    def check_experts(self, what: str, value: int) -> None:
+        """``ConfigError`` naming ``what`` unless ``value`` experts split evenly over an expert-parallel group."""
 
     def progress(self, label: str) -> None:
         """This process reaches ``label`` (e.g. "training step 3 of demo"): for the watchdog of a
@@ -193,16 +221,23 @@ class ExpertParallel(SingleProcess):
 
     distributed = True
 
-    def __init__(self, rank: int, world_size: int, device: torch.device, options: dict[str, Any] | None = None):
+    def __init__(self, rank: int, world_size: int, device: torch.device, options: dict[str, Any] | None = None,
+                 ep_size: int | None = None, fsdp: bool = False):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.is_main = rank == 0
+        # The layout (moekit.parallel.parallelize): experts over groups of ep_size ranks (None: all of
+        # them), dense parameters sharded (fsdp) or replicated.
+        if ep_size is not None and (ep_size < 1 or world_size % ep_size):
+            raise ConfigError(f"--ep-size {ep_size} does not divide the {world_size} ranks of the launch")
+        self.ep_size, self.fsdp = ep_size, fsdp
         self.options = dict(options or {})
         self.watchdog: Watchdog | None = None
         self._where = "start-up"
 
     @classmethod
     def start(cls, device: torch.device, options: dict[str, Any], timeout_s: float = DEFAULT_TIMEOUT_S,
-              watchdog_s: float = DEFAULT_WATCHDOG_S) -> ExpertParallel:
+              watchdog_s: float = DEFAULT_WATCHDOG_S, ep_size: int | None = None, fsdp: bool = False,
+              ) -> ExpertParallel:
         """Join torchrun's process group and check that every rank got the same ``options`` (the
         parsed command line): ranks given different ``--out`` or ``--steps`` would otherwise
         fail much later, or not at all.
@@ -216,7 +251,11 @@ class ExpertParallel(SingleProcess):
         rank, world_size = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
         with JoinWatch(rank, world_size, watchdog_s, timeout_s):
             info = init_distributed(device, timeout_s=timeout_s)
-        par = cls(info.rank, info.world_size, info.device, options)
+        try:
+            par = cls(info.rank, info.world_size, info.device, options, ep_size=ep_size, fsdp=fsdp)
+        except ConfigError:
+            dist.destroy_process_group()
+            raise
         store = group_store() if watchdog_s > 0 else None
         if store is not None:
             par.watchdog = Watchdog(store, info.rank, info.world_size, watchdog_s, timeout_s).start()
@@ -242,6 +281,12 @@ class ExpertParallel(SingleProcess):
         if value % self.world_size:
             raise ConfigError(f"{what}={value} is not divisible by the {self.world_size} ranks of --expert-parallel")
 
+    def check_experts(self, what: str, value: int) -> None:
+        group = self.world_size if self.ep_size is None else self.ep_size
+        if value % group:
+            where = f"--ep-size {group}" if self.ep_size is not None else f"the {group} ranks of --expert-parallel"
+            raise ConfigError(f"{what}={value} is not divisible by {where}")
+
     def prepare(self, model: M, config: dict[str, Any]) -> M:
         # Fails on every rank, naming the first difference, when the ranks built different models
         # or were given different options (``config``).
@@ -249,7 +294,7 @@ class ExpertParallel(SingleProcess):
 
         self._enter("the start-up checks of the model (parallelize)")
         try:
-            return cast(M, parallelize(model, extra_config={**self.options, **config}))
+            return cast(M, parallelize(model, self.ep_size, self.fsdp, extra_config={**self.options, **config}))
         except ValueError as e:  # a difference between the ranks, or experts that do not split
             raise ConfigError(str(e)) from e
 
@@ -333,7 +378,10 @@ class ExpertParallel(SingleProcess):
         return value
 
     def describe(self, device: torch.device) -> str:
-        return f"{self.world_size} ranks x {device.type} (--expert-parallel, {dist.get_backend()})"
+        layout = "" if self.ep_size is None and not self.fsdp else \
+            f", {self.world_size // (self.ep_size or self.world_size)}x{self.ep_size or self.world_size} " \
+            f"{'fsdp' if self.fsdp else 'replicate'}"
+        return f"{self.world_size} ranks x {device.type} (--expert-parallel{layout}, {dist.get_backend()})"
 
     def close(self) -> None:
         if self.watchdog is not None:  # before the store goes away with the group

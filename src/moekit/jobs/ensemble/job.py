@@ -214,7 +214,7 @@ def check_parallel(cfg: EnsembleConfig, par: SingleProcess) -> None:
     """``ConfigError`` unless the batch and (when an MoE model is trained) the experts split over the ranks."""
     par.check_divisible("batch_size", cfg.batch_size)
     if any(model != "dense" for model in cfg.models):
-        par.check_divisible("num_experts", cfg.num_experts)
+        par.check_experts("num_experts", cfg.num_experts)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -65,7 +65,7 @@ def check_parallel(cfg: LMJobConfig, par: SingleProcess) -> None:
     for model in cfg.models:
         spec = parse_model(model)
         if spec.kind in ("moe", "hmoe"):
-            par.check_divisible(f"the number of experts of {model}", spec.experts)
+            par.check_experts(f"the number of experts of {model}", spec.experts)
 
 
 class RowShardDropout(nn.Module):

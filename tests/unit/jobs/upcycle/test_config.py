@@ -34,9 +34,10 @@ def test_command_line_reproduces_the_config():
     (["--dim", "15", "--heads", "2"], "dim=15 is not a multiple of heads=2"),
     (["--dim", "18", "--heads", "6"], "the head width dim/heads=3 must be even"),
     (["--k", "9"], "k=9 exceeds num_experts=8"),
-    (["--continue-steps", "0"], "continue_steps=0 must be >= 1"),
-    (["--lr", "0"], "lr=0.0 must be > 0"),
-    (["--noise", "-1"], "noise=-1.0 must be >= 0"),
+    # Values out of range are refused as the command line is read (moekit.jobs.options).
+    (["--continue-steps", "0"], "--continue-steps: must be an integer >= 1, got '0'"),
+    (["--lr", "0"], "--lr: must be a finite number > 0, got '0'"),
+    (["--noise", "-1"], "--noise: must be a finite number >= 0, got '-1'"),
 ])
 def test_bad_values_are_named(argv, message):
     with pytest.raises(ConfigError, match=message):
