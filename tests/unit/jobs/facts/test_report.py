@@ -1,0 +1,24 @@
+"""Capacity from a recall sweep, worked out by hand."""
+
+import math
+
+import pytest
+
+from moekit.jobs.facts.report import Capacity, capacity
+
+
+def test_capacity_interpolates_in_log_facts():
+    # 0.9 lies halfway between 0.95 (1000 facts) and 0.85 (2000): the geometric mean, sqrt(2e6) = 1414.2.
+    cap = capacity([1000, 2000, 4000], [0.95, 0.85, 0.4])
+    assert cap.bound == "" and cap.facts == pytest.approx(math.sqrt(1000 * 2000))
+    # (0.98 - 0.9) / (0.98 - 0.66) = a quarter of the way: 1000 * 2**0.25 = 1189.2.
+    assert capacity([2000, 1000], [0.66, 0.98]).facts == pytest.approx(1000 * 2 ** 0.25)
+
+
+def test_capacity_takes_the_last_crossing_and_reports_bounds():
+    # A dip below 0.9 at 2000, recovered at 4000: the crossing after 4000 counts (halfway to 8000).
+    assert capacity([1000, 2000, 4000, 8000], [1.0, 0.88, 0.95, 0.85]).facts == pytest.approx(math.sqrt(4000 * 8000))
+    assert capacity([1000, 2000], [0.99, 0.95]) == Capacity(2000, ">=")
+    assert capacity([1000, 2000], [0.5, 0.2]) == Capacity(1000, "<")
+    assert str(Capacity(2000, ">=")) == ">=2,000"
+    assert capacity([1000, 2000], [0.9, 0.5]).facts == pytest.approx(1000)  # exactly at the threshold
