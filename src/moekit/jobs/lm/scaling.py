@@ -8,7 +8,7 @@ corpus, two seeds each, every run a ``moekit lm --preset scaling`` command of it
 the report, resumable). The schedule (warm-up, then 1/sqrt(step), no cool-down) does not depend on
 the number of steps, so the model after step s of a run is the model a run of s steps would
 have given: each run's validation curve is a series of points at growing tokens per parameter.
-Every run stays within one epoch of the training split, so the tokens are distinct tokens.
+Every run sees less than half an epoch of the training split (random windows), so few tokens twice.
 
 The study then reads the runs' ``metrics.json`` and writes ``metrics.json`` (the curves, the
 gaps), ``report.md`` and ``gap_vs_tokens_per_param.png`` into ``--out``.
@@ -258,7 +258,7 @@ def write_study(out: Path, points: Sequence[Point], seeds: Sequence[int], argvs:
     lines = ["# moekit lm: the MoE vs lstm-4x gap as training tokens per parameter grow", "",
              "Commands (one `moekit lm` run per width and seed; each run's own report is in its directory):", "",
              "```sh", *metrics["commands"], "```", "",
-             f"Training split: {metrics['train_tokens']:,} tokens; every run stays within one epoch. Gap = "
+             f"Training split: {metrics['train_tokens']:,} tokens; every run sees less than half an epoch. Gap = "
              "perplexity of the MoE / perplexity of lstm-4x of the same width and seed - 1 (negative: the MoE "
              "is better), on the first 50,000 validation tokens during training.", "",
              "## Gap at growing tokens per dense parameter (mean of the seeds)", "", trend_table(gap_rows), "",
