@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from moekit.jobs.facts.report import Capacity, capacity
+from moekit.jobs.facts.report import Capacity, capacity, last_rise
 
 
 def test_capacity_interpolates_in_log_facts():
@@ -22,3 +22,8 @@ def test_capacity_takes_the_last_crossing_and_reports_bounds():
     assert capacity([1000, 2000], [0.5, 0.2]) == Capacity(1000, "<")
     assert str(Capacity(2000, ">=")) == ">=2,000"
     assert capacity([1000, 2000], [0.9, 0.5]).facts == pytest.approx(1000)  # exactly at the threshold
+
+
+def test_last_rise_of_recall():
+    assert last_rise({"history": {"recall": [0.5, 0.8, 0.85]}}) == pytest.approx(0.05)
+    assert last_rise({"history": {"recall": [0.9]}}) == 0.0 and last_rise({"history": {}}) == 0.0
