@@ -96,7 +96,8 @@ def capacity_table(metrics: dict[str, Any]) -> str:
     for r in rows:
         per_seed = ", ".join(f"{c['bound']}{c['facts']:,.0f}" for c in r["capacity_per_seed"].values())
         lines.append(f"| {r['model']} | {r['params']:,} | {r['ops_per_timestep']:,} | {per_seed} "
-                     f"| {r['capacity_bound']}{r['capacity']:,.0f} | {r['capacity'] / base['capacity']:.2f} "
+                     f"| {r['capacity_bound']}{r['capacity']:,.0f} "
+                     f"| {r['capacity_bound']}{r['capacity'] / base['capacity']:.2f} "
                      f"| {r['params'] / base['params']:.2f} | {r['bits_per_param']:.2f} "
                      f"| {r['recalled_max']:,.0f} | {r['last_rise_max']:+.3f} |")
     return "\n".join(lines)
@@ -140,8 +141,10 @@ def findings(metrics: dict[str, Any]) -> list[str]:
     lines = []
     for r in rows[1:]:
         lines.append(f"{r['model']} stores {r['capacity_bound']}{r['capacity']:,.0f} facts at {THRESHOLD:.0%} recall, "
-                     f"{r['capacity'] / base['capacity']:.1f}x {base['model']}'s {base['capacity_bound']}"
-                     f"{base['capacity']:,.0f}, with {r['params'] / base['params']:.1f}x its parameters and "
+                     f"{r['capacity_bound']}{r['capacity'] / base['capacity']:.1f}x {base['model']}'s "
+                     f"{base['capacity_bound']}{base['capacity']:,.0f}, and recalls up to {r['recalled_max']:,.0f} "
+                     f"when asked for more ({r['recalled_max'] / base['recalled_max']:.1f}x), with "
+                     f"{r['params'] / base['params']:.1f}x its parameters and "
                      f"{100 * (r['ops_per_timestep'] / base['ops_per_timestep'] - 1):+.0f}% ops per timestep.")
     return lines
 
