@@ -3,7 +3,7 @@
     python -m moekit.jobs.lm.scaling --out runs/lm-scaling [--jobs 2]
 
 Shazeer et al. trained about 1200 tokens per dense parameter; cpu-small trains 8. This study
-trains lstm-4x, moe-32 and moe-256 at two widths (dense sizes 133k and 8.7k) on the ``english``
+trains lstm-4x, moe-32 and moe-256 at three widths (dense sizes 133k, 34k and 8.7k) on the ``english``
 corpus, two seeds each, every run a ``moekit lm --preset scaling`` command of its own (listed in
 the report, resumable). The schedule (warm-up, then 1/sqrt(step), no cool-down) does not depend on
 the number of steps, so the model after step s of a run is the model a run of s steps would
@@ -49,11 +49,11 @@ class Point(NamedTuple):
     eval_every: int
 
 
-# Two widths, 15x apart in dense parameters (133k and 8.7k), validated so that their curves meet
-# (D = 64: 1.9-15 tokens per parameter over its 2000 steps; D = 16: 14.7-235 over 2000): where they
-# meet, a gap that follows tokens per parameter agrees between the widths, and one that follows the
-# number of steps does not. About 8 (D = 16) to 10 (D = 64) CPU-minutes per run on an idle core.
-POINTS = (Point(64, 2000, 250), Point(16, 2000, 125))
+# Three widths, dense parameters 133k, 34k and 8.7k, validated so that their curves overlap in
+# tokens per dense parameter (D = 64: 1.9-15 over its 2000 steps; D = 32: 7.6-61; D = 16: 15-235):
+# where they overlap, a gap that follows tokens per parameter agrees between the widths, and one
+# that follows the number of steps or the width does not. 6 to 10 CPU-minutes per run on an idle core.
+POINTS = (Point(64, 2000, 250), Point(32, 2000, 250), Point(16, 2000, 125))
 # Tiny runs for the tests: any text file, seconds each.
 TINY_ARGS = ["--vocab-size", "60", "--batch-size", "4", "--seq-len", "8", "--eval-tokens", "64",
              "--checkpoint-every", "3", "--warmup", "2"]
