@@ -31,6 +31,7 @@ def test_outputs_and_capacities(finished, capsys):
     assert all(r["recall"] == 1.0 for r in m["runs"] if r["facts"] == 4)
     summary = {s["model"]: s for s in m["summary"]}
     assert summary["lstm-4x"]["capacity"] >= 4 and summary["moe-4"]["unused_experts_max"] == 0
+    assert summary["lstm-4x"]["unused_experts_max"] is None  # a dense model has no experts to leave unused
     assert 4 <= summary["lstm-4x"]["recalled_max"] <= 16  # all 4 facts of the smallest set, at least
     assert set(summary["lstm-4x"]["recall"]) == {"4", "8", "16"}
     report = (finished / "report.md").read_text()

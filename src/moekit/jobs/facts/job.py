@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -135,12 +134,11 @@ def execute(cfg: FactsJobConfig, out: Path, device: torch.device, *, resume: boo
     if resume_from is not None:
         session.restore(resume_from)
         log(quiet, f"resuming from {resume_from} ({len(session.finished)} of {len(trials)} runs finished)")
-    t0 = time.perf_counter()
     for index, (label, *_) in enumerate(trials):
         if label not in session.finished:
             train_trial(cfg, index, session, device, quiet)
     results = [session.finished[t[0]]["result"] for t in trials]
-    return report.write_outputs(out, cfg, results, str(device), command_line(cfg), time.perf_counter() - t0)
+    return report.write_outputs(out, cfg, results, str(device), command_line(cfg))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -75,7 +75,7 @@ def summarise(cfg: FactsJobConfig, results: Sequence[dict[str, Any]]) -> list[di
             "capacity_per_seed": {str(s): {"facts": c.facts, "bound": c.bound} for s, c in caps.items()},
             "capacity": mean_cap, "capacity_bound": bound,
             "bits_per_param": mean_cap * bits / params,
-            "unused_experts_max": max((r["unused_experts"] or 0) for r in runs) if runs[0]["experts"] else None,
+            "unused_experts_max": None if runs[0]["unused_experts"] is None else max(r["unused_experts"] for r in runs),
             "last_rise_max": max(last_rise(r) for r in runs),
             # Past its capacity a model still recalls some facts: recall x N at the largest N is
             # the number it holds when asked for more than it can hold.
@@ -149,15 +149,25 @@ def findings(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_outputs(out: Path, cfg: FactsJobConfig, results: list[dict[str, Any]], device: str, command: str,
-                  elapsed_s: float) -> dict[str, Any]:
-    """Write the plot, report.md and metrics.json (last: its presence marks a finished run).
+def compact(run: dict[str, Any], windows: int = 50) -> dict[str, Any]:
+    """``run`` with its per-step training loss averaged over ``windows`` equal spans of steps.
 
-    ``elapsed_s`` is this invocation's wall time (a resumed job's covers only what it ran).
+    metrics.json keeps every recall measurement but not a loss per step (megabytes over a sweep).
     """
+    history = dict(run["history"])
+    loss = history.pop("train_loss", [])
+    history.pop("train_step", None)
+    spans = [loss[len(loss) * i // windows:len(loss) * (i + 1) // windows] for i in range(windows)]
+    history["train_loss_windows"] = [sum(s) / len(s) for s in spans if s]
+    return {**run, "history": history}
+
+
+def write_outputs(out: Path, cfg: FactsJobConfig, results: list[dict[str, Any]], device: str,
+                  command: str) -> dict[str, Any]:
+    """Write the plot, report.md and metrics.json (last: its presence marks a finished run)."""
     metrics: dict[str, Any] = {"command": command, "config": asdict(cfg), "threshold": THRESHOLD,
-                               "summary": summarise(cfg, results), "runs": results,
-                               "environment": environment(device), "wall_time_s": elapsed_s}
+                               "summary": summarise(cfg, results), "runs": [compact(r) for r in results],
+                               "environment": environment(device)}
     plot_recall(out / "recall_vs_facts.png", cfg, results)
     total = sum(r["train_time_s"] for r in results)
     lines = [

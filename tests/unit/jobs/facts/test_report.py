@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from moekit.jobs.facts.report import Capacity, capacity, last_rise
+from moekit.jobs.facts.report import Capacity, capacity, compact, last_rise
 
 
 def test_capacity_interpolates_in_log_facts():
@@ -27,3 +27,12 @@ def test_capacity_takes_the_last_crossing_and_reports_bounds():
 def test_last_rise_of_recall():
     assert last_rise({"history": {"recall": [0.5, 0.8, 0.85]}}) == pytest.approx(0.05)
     assert last_rise({"history": {"recall": [0.9]}}) == 0.0 and last_rise({"history": {}}) == 0.0
+
+
+def test_compact_averages_the_loss_over_windows_and_keeps_the_recall():
+    run = {"name": "x", "history": {"train_step": [1, 2, 3, 4], "train_loss": [1.0, 2.0, 3.0, 4.0],
+                                    "valid_step": [2, 4], "recall": [0.5, 0.7]}}
+    out = compact(run, windows=2)
+    assert out["history"] == {"valid_step": [2, 4], "recall": [0.5, 0.7], "train_loss_windows": [1.5, 3.5]}
+    assert run["history"]["train_loss"] == [1.0, 2.0, 3.0, 4.0]  # the run itself is left alone
+    assert compact({"history": {"train_loss": [2.0]}}, windows=3)["history"]["train_loss_windows"] == [2.0]
