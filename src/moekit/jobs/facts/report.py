@@ -114,24 +114,34 @@ def recall_table(metrics: dict[str, Any]) -> str:
 
 
 def plot_recall(path: Path, cfg: FactsJobConfig, results: Sequence[dict[str, Any]]) -> None:
-    """Recall against the number of facts (log x), one line per model (mean of seeds), seeds as points."""
-    fig = Figure(figsize=(7.0, 4.2))
-    ax = fig.add_subplot()
+    """Recall, and facts recalled (recall x N), against the number of facts (log x).
+
+    One line per model (mean of seeds), seeds as faint points.
+    """
+    fig = Figure(figsize=(11.0, 4.2))
+    axes = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for i, model in enumerate(cfg.models):
         runs = [r for r in results if r["model"] == model]
-        ax.plot([r["facts"] for r in runs], [r["recall"] for r in runs], ".", color=f"C{i}", alpha=0.4)
         mean = [sum(r["recall"] for r in runs if r["facts"] == n) / max(1, sum(r["facts"] == n for r in runs))
                 for n in cfg.facts]
-        ax.plot(cfg.facts, mean, "-o" if model.startswith("moe-") and model[4:].isdigit() else "--s", markersize=3,
-                color=f"C{i}", label=f"{model} ({runs[0]['params']:,} params)")
-    ax.axhline(THRESHOLD, color="black", linestyle=":", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("facts to store")
-    ax.set_ylabel("recall (fraction of facts whose value is predicted)")
-    ax.set_title("stored facts at equal ops per token")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+        style = "-o" if model.startswith("moe-") and model[4:].isdigit() else "--s"
+        for ax, scale in zip(axes, (False, True), strict=True):
+            ax.plot([r["facts"] for r in runs], [r["recall"] * (r["facts"] if scale else 1) for r in runs], ".",
+                    color=f"C{i}", alpha=0.4)
+            ax.plot(cfg.facts, [m * (n if scale else 1) for m, n in zip(mean, cfg.facts, strict=True)], style,
+                    markersize=3, color=f"C{i}", label=f"{model} ({runs[0]['params']:,} params)")
+    axes[0].axhline(THRESHOLD, color="black", linestyle=":", linewidth=0.8)
+    axes[0].set_ylim(0, 1.02)
+    axes[0].set_ylabel("recall (fraction of facts whose value is predicted)")
+    axes[1].plot(cfg.facts, cfg.facts, ":", color="black", linewidth=0.8, label="all of them")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("facts recalled (recall x facts)")
+    for ax, title in zip(axes, ("recall", "facts held"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("facts to store")
+        ax.set_title(f"{title} at equal ops per token")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
     plots.save_figure(fig, path)
 
 
