@@ -135,39 +135,34 @@ def mean_gap(gap_rows: Sequence[dict[str, Any]], model: str, dim: int) -> tuple[
     return runs[0]["tokens_per_param"][:n], [sum(g["gap"][i] for g in runs) / len(runs) for i in range(n)]
 
 
-def plot_gaps(path: Path, gap_rows: Sequence[dict[str, Any]], min_step: int = 0) -> None:
-    """Gap vs tokens per dense parameter (log x): one line per (model, width), seeds as faint points."""
+def plot_gaps(path: Path, gap_rows: Sequence[dict[str, Any]]) -> None:
+    """Gap vs tokens per dense parameter (log x): colour = width, line = model; seeds as faint points."""
     fig = Figure(figsize=(8.0, 4.6))
     ax = fig.add_subplot()
     dims = sorted({g["dim"] for g in gap_rows}, reverse=True)
-    for j, model in enumerate(m for m in MODELS if m != DENSE):
+    for model, style in (("moe-32", "-"), ("moe-256", "--")):
         for i, dim in enumerate(dims):
             runs = [g for g in gap_rows if g["model"] == model and g["dim"] == dim]
             if not runs:
                 continue
-            color = f"C{i + 3 * j}"
             for g in runs:
-                keep = [k for k, s in enumerate(g["step"]) if s >= min_step]
-                ax.plot([g["tokens_per_param"][k] for k in keep], [100 * g["gap"][k] for k in keep], ".",
-                        color=color, alpha=0.35, markersize=4)
+                ax.plot(g["tokens_per_param"], [100 * v for v in g["gap"]], "." if style == "-" else "x",
+                        color=f"C{i}", alpha=0.35, markersize=4)
             x, y = mean_gap(gap_rows, model, dim)
-            keep = [k for k, s in enumerate(runs[0]["step"][:len(x)]) if s >= min_step]
-            ax.plot([x[k] for k in keep], [100 * y[k] for k in keep], "-" if model == "moe-32" else "--",
-                    color=color, label=f"{model}, D = {dim}")
+            ax.plot(x, [100 * v for v in y], style, color=f"C{i}", label=f"{model}, D = {dim}")
     ax.axhline(0.0, color="black", linewidth=0.8)
-    for j, (model, gap) in enumerate(PAPER_GAPS.items()):
-        ax.plot([PAPER_TOKENS_PER_PARAM], [100 * gap], "*", markersize=10, color=f"C{3 * j}",
-                label=f"{model}, paper (Table 7)")
+    for (model, gap), marker in zip(PAPER_GAPS.items(), ("*", "P"), strict=True):
+        ax.plot([PAPER_TOKENS_PER_PARAM], [100 * gap], marker, markersize=10, color="black",
+                label=f"{model}, paper (Table 7, D = 512)")
     ax.set_xscale("log")
     ax.set_xlabel("training tokens per dense parameter (lstm-4x body)")
     ax.set_ylabel("validation perplexity vs lstm-4x (%)")
-    ax.set_title(f"MoE vs lstm-4x at equal ops/timestep (lines: mean of seeds; steps >= {min_step})")
+    ax.set_title("MoE vs lstm-4x of the same width, equal ops/timestep (lines: mean of 2 seeds)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     plots.save_figure(fig, path)
 
-
-GRID = (2, 4, 8, 15, 30, 60, 120, 250, 500)  # tokens per dense parameter at which the trend table reads the curves
+GRID = (2, 4, 8, 15, 30, 60, 120)  # tokens per dense parameter at which the trend table reads the curves
 FIT_MIN_STEP = 500  # the fits skip the warm-up's transient
 
 
@@ -217,11 +212,13 @@ def _pct(v: float | None) -> str:
 
 def trend_table(gap_rows: Sequence[dict[str, Any]]) -> str:
     """Mean gap (over seeds) of each model and width at the ``GRID`` tokens per parameter it spans."""
-    lines = ["| model | D | " + " | ".join(str(g) for g in GRID) + " |", "|---|---:|" + "---:|" * len(GRID)]
+    lines = ["| model | D | " + " | ".join(str(g) for g in GRID) + " | last (tokens / param) |",
+             "|---|---:|" + "---:|" * (len(GRID) + 1)]
     for model in dict.fromkeys(g["model"] for g in gap_rows):
         for dim in sorted({g["dim"] for g in gap_rows}, reverse=True):
             x, y = mean_gap(gap_rows, model, dim)
-            lines.append(f"| {model} | {dim} | " + " | ".join(_pct(interpolate(x, y, t)) for t in GRID) + " |")
+            lines.append(f"| {model} | {dim} | " + " | ".join(_pct(interpolate(x, y, t)) for t in GRID)
+                         + f" | {_pct(y[-1])} ({x[-1]:.0f}) |")
     return "\n".join(lines)
 
 
