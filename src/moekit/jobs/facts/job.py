@@ -68,7 +68,7 @@ def recall(model: LSTMLM, facts: FactSet, batch_size: int, device: torch.device)
         seqs_BS = seqs_NS[start:start + batch_size].to(device)
         logits_BV, out = value_logits(model, seqs_BS, facts.num_symbols)
         target_B = seqs_BS[:, -1] - facts.num_symbols
-        correct += (logits_BV.argmax(-1) == target_B).sum().item()
+        correct += int((logits_BV.argmax(-1) == target_B).sum().item())
         nll += F.cross_entropy(logits_BV, target_B, reduction="sum").item()
         if out.stats is not None:
             load = out.stats.load.detach().float().cpu()
