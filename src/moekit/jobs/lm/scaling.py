@@ -150,7 +150,7 @@ def plot_gaps(path: Path, gap_rows: Sequence[dict[str, Any]]) -> None:
                         color=f"C{i}", alpha=0.35, markersize=4)
             x, y = mean_gap(gap_rows, model, dim)
             ax.plot(x, [100 * v for v in y], style, color=f"C{i}", label=f"{model}, D = {dim}")
-    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.axhline(0.0, color="grey", linewidth=0.8, zorder=0)
     for (model, gap), marker in zip(PAPER_GAPS.items(), ("*", "P"), strict=True):
         ax.plot([PAPER_TOKENS_PER_PARAM], [100 * gap], marker, markersize=10, color="black",
                 label=f"{model}, paper (Table 7, D = 512)")
