@@ -57,6 +57,11 @@ JOBS: dict[str, Job] = {
         "moekit.jobs.ensemble",
         "runs/ensemble",
     ),
+    "facts": Job(
+        "capacity probe: how many random key -> value facts dense and MoE models store at equal ops per token",
+        "moekit.jobs.facts",
+        "runs/facts",
+    ),
     "lm": Job(
         "the LSTM-MoE language model of Shazeer et al. 2017 vs compute-matched dense models",
         "moekit.jobs.lm",

@@ -23,6 +23,8 @@ LM = ["--dim", "8", "--steps", "2", "--batch-size", "4", "--seq-len", "8", "--vo
 ENSEMBLE = ["--steps", "2", "--models", "dense", "--device", "cpu", "--quiet"]
 PATTERNS = ["--preset", "tiny", "--patterns", "2", "--device", "cpu", "--quiet"]
 UPCYCLE = ["--preset", "tiny", "--device", "cpu", "--quiet"]
+FACTS = ["--dim", "8", "--facts", "4,8", "--seeds", "1", "--num-symbols", "6", "--num-values", "4", "--device", "cpu",
+         "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +127,22 @@ CASES = [
     ("upcycle", ["--k", "9", "--num-experts", "4"], "k=9 exceeds num_experts=4"),
     ("upcycle", ["--heads", "3"], "is not a multiple of heads=3"),
     ("upcycle", ["--data", "{binary}"], "binary.txt' looks binary"),
+    # facts
+    ("facts", ["--epochs", "0"], "--epochs: must be an integer >= 1, got '0'"),
+    ("facts", ["--lr", "inf"], "--lr: must be a finite number > 0, got 'inf'"),
+    ("facts", ["--threads", "-2"], "--threads: must be an integer from 1 to 1024, got '-2'"),
+    ("facts", ["--models", "gru"], "unknown model 'gru'"),
+    # lm's named corpus
+    ("lm", ["--corpus", "english", "--data", "{text}"], "--corpus"),
     # bench
     ("bench", ["--quick", "--threads", "0"], "--threads: must be an integer from 1 to 1024, got '0'"),
     ("bench", ["--quick", "--repeats", "0"], "--repeats: must be an integer >= 1, got '0'"),
     ("bench", ["--quick", "--only", "nomatch"], "--only 'nomatch' matches no configuration"),
 ]
 DEFAULT_DATA = {"demo": "{text}", "lm": "{text}", "ensemble": "{npz}", "patterns": "{pairs}", "upcycle": "{text}",
-                "bench": None}
-COMMON = {"demo": DEMO, "lm": LM, "ensemble": ENSEMBLE, "patterns": PATTERNS, "upcycle": UPCYCLE, "bench": []}
+                "facts": None, "bench": None}
+COMMON = {"demo": DEMO, "lm": LM, "ensemble": ENSEMBLE, "patterns": PATTERNS, "upcycle": UPCYCLE, "facts": FACTS,
+          "bench": []}
 
 
 def _argv(job, options, files, out):
@@ -157,7 +167,7 @@ def test_a_user_error_is_one_line_and_exit_status_2(job, options, message, files
     assert not out.exists()  # refused before the out directory was touched
 
 
-@pytest.mark.parametrize("job", ["demo", "lm", "ensemble", "patterns", "upcycle", "bench"])
+@pytest.mark.parametrize("job", ["demo", "lm", "ensemble", "patterns", "upcycle", "facts", "bench"])
 @pytest.mark.parametrize("where", ["under a file", "a file"])
 def test_an_out_that_cannot_be_a_directory_is_named(job, where, files, capsys):
     out = files["a-file"] / "out" if where == "under a file" else files["a-file"]

@@ -199,3 +199,25 @@ def test_the_reported_command_reproduces_the_configuration(argv):
     again = config_from_args(build_parser().parse_args(command_line(cfg).split()[1:]))
     assert again == cfg
     assert cfg.dim == (32 if "--dim" in argv else PRESETS[cfg.preset]["dim"])
+
+
+def test_the_data_scaling_study_on_tiny_runs(tmp_path, text_file, capsys):
+    from moekit.jobs.lm import scaling
+
+    out = tmp_path / "study"
+    assert scaling.main(["--out", str(out), "--tiny", "--data", str(text_file), "--jobs", "2"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["commands"]) == 4 and len(m["runs"]) == 4 * 3  # (width, seed) runs x models
+    assert {g["model"] for g in m["gaps"]} == {"moe-32", "moe-256"}
+    assert all(len(g["gap"]) == len(g["step"]) for g in m["gaps"])
+    assert (out / "gap_vs_tokens_per_param.png").read_bytes()[:4] == b"\x89PNG"
+    assert "tokens per dense parameter" in (out / "report.md").read_text()
+    # Rerun: every run is finished, so only the report is rewritten.
+    assert scaling.main(["--out", str(out), "--tiny", "--data", str(text_file), "--jobs", "1"]) == 0
+
+
+def test_corpus_option(tmp_path, text_file, capsys):
+    assert main(["lm", "--out", str(tmp_path / "x"), "--data", str(text_file), "--corpus", "english", *TINY]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    args = build_parser().parse_args(["lm", "--corpus", "english", "--models", "moe-32"])
+    assert command_line(config_from_args(args)).endswith("--corpus english")

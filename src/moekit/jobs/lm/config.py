@@ -17,6 +17,9 @@ from moekit.train.strategy import add_parallel_arg
 ABLATION_GRID: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.2, 0.0), (0.0, 0.2), (0.1, 0.1), (0.01, 0.01),
                                                    (1.0, 1.0))
 
+# Named corpora for --corpus (kjv: moekit.data.corpus; english: moekit.data.english).
+CORPORA = ("kjv", "english")
+
 # Settings a preset fills in; an option given on the command line wins. cpu-small runs all seven
 # models in about 10 minutes on one thread of a shared 2-core machine (5.5 min of CPU time); it was
 # chosen among the settings compared in docs/results/lm/README.md. paper is the paper's width with a
@@ -24,6 +27,10 @@ ABLATION_GRID: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.2, 0.0), (0.0, 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-small": {"dim": 64, "vocab_size": 4000, "steps": 1000, "batch_size": 32, "seq_len": 32, "lr": 3e-3,
                   "warmup": 50, "dropout": 0.0, "eval_every": 100, "eval_tokens": 5000, "checkpoint_every": 200},
+    # The data-scaling study (docs/results/lm-scaling): cpu-small's model and schedule, validated
+    # often enough to draw each run's curve; run with --corpus english and a --dim and --steps.
+    "scaling": {"dim": 64, "vocab_size": 4000, "steps": 2000, "batch_size": 32, "seq_len": 32, "lr": 3e-3,
+                "warmup": 50, "dropout": 0.0, "eval_every": 250, "eval_tokens": 50000, "checkpoint_every": 1000},
     "paper": {"dim": 512, "vocab_size": 16000, "steps": 10000, "batch_size": 128, "seq_len": 32, "lr": 1e-3,
               "warmup": 1000, "dropout": 0.1, "eval_every": 500, "eval_tokens": 20000, "checkpoint_every": 1000},
 }
@@ -53,6 +60,7 @@ class LMJobConfig:
     checkpoint_every: int
     seed: int
     data: str | None
+    corpus: str = "kjv"  # a name of CORPORA; unused when data is given
 
     def model_config(self, trial: Trial, vocab_size: int) -> LSTMLMConfig:
         return LSTMLMConfig(trial.model, vocab_size, dim=self.dim, k=self.k, dropout=self.dropout,
@@ -101,7 +109,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated models (default: {','.join(MODEL_NAMES)}; with --ablation: moe-32)")
     parser.add_argument("--ablation", action="store_true",
                         help="train the models once per (w_importance, w_load) of the paper's Table 6")
-    parser.add_argument("--data", metavar="FILE", help="UTF-8 text file to use instead of the King James Bible")
+    parser.add_argument("--corpus", choices=CORPORA, default="kjv",
+                        help="named corpus, read offline from Debian packages (default: kjv; english: six English "
+                             "texts, about 6.5M tokens, see moekit.data.english)")
+    parser.add_argument("--data", metavar="FILE", help="UTF-8 text file to use instead of a named corpus")
     parser.add_argument("--threads", type=options.threads, metavar="N",
                         help="torch CPU threads (default: torch's choice); not part of the run's configuration")
     add_parallel_arg(parser, "lm", "N must divide --batch-size and the experts of every MoE model of --models; "
@@ -120,8 +131,10 @@ def config_from_args(args: argparse.Namespace) -> LMJobConfig:
         models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     else:
         models = ("moe-32",) if args.ablation else MODEL_NAMES
+    if args.data is not None and args.corpus != "kjv":
+        raise ConfigError(f"--data {args.data} and --corpus {args.corpus} exclude each other")
     cfg = LMJobConfig(models=models, ablation=args.ablation, preset=args.preset, seed=args.seed,
-                      data=args.data, **values)
+                      data=args.data, corpus=args.corpus, **values)
     check_config(cfg)
     return cfg
 
@@ -129,6 +142,8 @@ def config_from_args(args: argparse.Namespace) -> LMJobConfig:
 def check_config(cfg: LMJobConfig) -> None:
     if not cfg.models:
         raise ConfigError("--models is empty")
+    if cfg.corpus not in CORPORA:
+        raise ConfigError(f"corpus={cfg.corpus!r} is not one of {', '.join(CORPORA)}")
     if len(set(cfg.models)) != len(cfg.models):
         raise ConfigError(f"--models lists a model twice: {','.join(cfg.models)}")
     for name in ("dim", "k", "vocab_size", "steps", "batch_size", "seq_len", "warmup", "eval_every",
@@ -162,6 +177,7 @@ def command_line(cfg: LMJobConfig) -> str | None:
     words += ["--ablation"] if cfg.ablation else []
     words += ["--seed", str(cfg.seed)] if cfg.seed else []
     words += ["--data", cfg.data] if cfg.data else []
+    words += ["--corpus", cfg.corpus] if cfg.corpus != "kjv" and not cfg.data else []
     for name in _OPTIONS:
         if getattr(cfg, name) != defaults[name]:
             words += [f"--{name.replace('_', '-')}", f"{getattr(cfg, name):g}"]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.data import KJV_BOOKS, KJV_SPLIT, Vocab, eval_batches, kjv_corpus, lm_batch, text_file_corpus
+from moekit.data.english import BLOCK_TOKENS, SOURCES, SPLIT_PERIOD, english_corpus
 from moekit.data.fingerprint import data_fingerprint
 from moekit.jobs.lm import report
 from moekit.jobs.lm.config import (
@@ -99,7 +100,11 @@ class RowShardDropout(nn.Module):
 
 def load_data(cfg: LMJobConfig) -> LMData:
     """Vocabulary (from the training split only) and the encoded train/valid/test streams."""
-    if cfg.data is None:
+    if cfg.data is None and cfg.corpus == "english":
+        corpus = english_corpus()
+        split = (f"{len(SOURCES)} sources ({', '.join(s.name for s in SOURCES)}), each cut into blocks of "
+                 f"{BLOCK_TOKENS:,} tokens; of every {SPLIT_PERIOD} blocks one is validation and one test")
+    elif cfg.data is None:
         corpus = kjv_corpus()
         split = (f"King James Bible split by book: test = {', '.join(KJV_SPLIT['test'])}; "
                  f"validation = {', '.join(KJV_SPLIT['valid'])}; train = the other "
@@ -292,8 +297,6 @@ def run(args: argparse.Namespace) -> int:
     """The lm job: train (or resume) every model, evaluate, write the out directory, print the table."""
     cfg = config_from_args(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads {args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
     par, device = from_args(args)
     try:
