@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from moekit.cli import build_parser, main
-from moekit.jobs.lm.config import PRESETS, command_line, config_from_args
+from moekit.jobs.lm.config import BALANCING, PRESETS, command_line, config_from_args
 from moekit.jobs.lm.report import PAPER_TABLE6
 from moekit.models.lstm_lm import LSTMLM, MODEL_NAMES
+from moekit.train.checkpoint import load_checkpoint
 
 torch.set_num_threads(1)
 
@@ -142,6 +143,39 @@ def test_different_config_is_refused_unless_forced(tmp_path, three_models, text_
     assert "models" in capsys.readouterr().err
     assert _lm(out, text_file, "--models", "lstm-4x,moe-32", "--force") == 0
     assert [r["name"] for r in _metrics(out)["models"]] == ["lstm-4x", "moe-32"]
+
+
+def test_balancing_trains_every_scheme_and_reports_the_load(tmp_path, text_file):
+    out = tmp_path / "balancing"
+    assert _lm(out, text_file, "--balancing", "--models", "moe-8", "--steps", "3") == 0
+    m = _metrics(out)
+    assert m["balancing"] is True
+    assert [r["scheme"] for r in m["models"]] == list(BALANCING)
+    routers = {r["scheme"]: r for r in m["models"]}
+    for r in m["models"]:
+        counts = r["history"]["train_counts"]
+        assert len(counts) == 3 and all(sum(c) == 4 * 4 * 8 for c in counts)  # k = 4 slots per token
+        # The training balance is that of the recorded counts, by hand.
+        last = torch.tensor(counts[-1], dtype=torch.float64)
+        assert r["history"]["train_counts_balance"][-1][1] == pytest.approx(float(last.max() / last.mean()))
+        assert r["train_dead_experts"] == int((torch.tensor(counts).sum(0) == 0).sum())
+        assert r["dead_experts"] == sum(v == 0 for v in r["load"])
+    state = load_checkpoint(sorted((out / "checkpoints").iterdir())[-1])
+    assert state["current"] is None and set(state["finished"]) == {f"moe-8_{s}" for s in BALANCING}
+    assert routers["no-loss"]["w_importance"] == routers["no-loss"]["w_load"] == 0.0
+    assert (out / "balancing_load.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "Balancing schemes side by side" in report and "| moe-8 | deepseek |" in report
+    assert _lm(tmp_path / "x", text_file, "--balancing", "--models", "lstm-4x") == 2
+
+
+def test_aux_loss_free_balancing_moves_the_bias_after_every_step(tmp_path, text_file, monkeypatch):
+    from moekit.jobs.lm import job as lm_job
+
+    calls = []
+    monkeypatch.setattr(lm_job, "update_expert_bias", lambda model, rate: calls.append(rate))
+    assert _lm(tmp_path / "b", text_file, "--balancing", "--models", "moe-8", "--steps", "3") == 0
+    assert calls == [1e-3] * 6  # 3 steps of each of the two aux-loss-free schemes
 
 
 def test_ablation_runs_the_table_6_grid(tmp_path, text_file):

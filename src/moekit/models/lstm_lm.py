@@ -25,7 +25,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -81,6 +81,8 @@ class LSTMLMConfig:
             and the dense models use it to size their middle block (K*F wide, or K layers deep).
         dropout: on every layer's output, before the residual.
         w_importance, w_load: balancing-loss coefficients (paper, LM: 0.1 each).
+        router, router_kwargs: the flat MoE's router (``moekit.MoE(router=..., router_kwargs=...)``;
+            the paper's noisy top-k by default), the keyword arguments as (name, value) pairs.
     """
 
     model: str
@@ -91,6 +93,8 @@ class LSTMLMConfig:
     dropout: float = 0.1
     w_importance: float = 0.1
     w_load: float = 0.1
+    router: str = "noisy_topk"
+    router_kwargs: tuple[tuple[str, Any], ...] = ()
 
     @property
     def hidden(self) -> int:
@@ -162,8 +166,8 @@ class LSTMLM(nn.Module):
         elif spec.kind == "deep":
             self.middle = ExpertMLP(D, F, cfg.k, **kw)
         elif spec.kind == "moe":
-            self.middle = MoE(D, spec.experts, cfg.k, F, router="noisy_topk", w_importance=cfg.w_importance,
-                              w_load=cfg.w_load, **kw)
+            self.middle = MoE(D, spec.experts, cfg.k, F, router=cfg.router, w_importance=cfg.w_importance,
+                              w_load=cfg.w_load, router_kwargs=dict(cfg.router_kwargs), **kw)
         else:
             groups, per_level = math.isqrt(spec.experts), math.isqrt(cfg.k)
             self.middle = HierarchicalMoE(D, groups, groups, per_level, per_level, F,

@@ -99,13 +99,15 @@ class LoopConfig:
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, loop: LoopConfig,
           step: Callable[[int], StepOutput], save: Callable[[TrainState], None], *, desc: str, quiet: bool,
           lr: Schedule | None = None, evaluate: Callable[[], dict[str, Any]] | None = None,
-          strategy: SingleProcess = SINGLE_PROCESS) -> TrainState:
+          after_step: Callable[[], None] | None = None, strategy: SingleProcess = SINGLE_PROCESS) -> TrainState:
     """Train ``model`` from ``state.step`` to ``loop.steps``; returns ``state``, updated in place.
 
     Args:
         step: ``step(i)`` runs the forward pass of step ``i`` (0-based) in training mode.
         save: writes a checkpoint of the run at ``state`` (every rank calls it).
         lr: the learning-rate schedule (None: the optimizer's rates are left alone).
+        after_step: called after each optimizer step (e.g. ``moekit.update_expert_bias``, which moves
+            the routers' selection biases from the step's loads).
         evaluate: returns the values to record at ``valid_step`` (the model is put back in training
             mode afterwards).
         strategy: one process, or this rank of an expert-parallel launch; every rank runs the same
@@ -128,6 +130,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
             optimizer.zero_grad(set_to_none=True)
             out.objective.backward()
             strategy.clip_and_step(model, optimizer, loop.clip)
+            if after_step is not None:
+                after_step()
             state.step += 1
             state.elapsed_s += time.perf_counter() - t0
             session_steps += 1

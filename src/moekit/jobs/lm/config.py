@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from moekit.data.vocab import LM_SPECIALS
 from moekit.jobs import options
-from moekit.models.lstm_lm import MODEL_NAMES, LSTMLMConfig
+from moekit.models.lstm_lm import MODEL_NAMES, LSTMLMConfig, parse_model
 from moekit.train.outdir import ConfigError
 from moekit.train.strategy import add_parallel_arg
 
@@ -19,6 +20,33 @@ ABLATION_GRID: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.2, 0.0), (0.0, 
 
 # Named corpora for --corpus (kjv: moekit.data.corpus; english: moekit.data.english).
 CORPORA = ("kjv", "english")
+
+class Scheme(NamedTuple):
+    """A way to balance the experts' load, for ``--balancing``: the flat MoE's router and its losses."""
+
+    router: str
+    router_kwargs: tuple[tuple[str, Any], ...]
+    w_importance: float
+    w_load: float  # the switch router's switch-loss coefficient
+    bias_rate: float | None  # aux-loss-free balancing: update_expert_bias after every step at this rate
+    description: str
+
+
+# The balancing schemes of --balancing, at equal ops per timestep (k experts per token, the same
+# experts): the paper's, the Switch Transformer's loss, none, and the aux-loss-free bias of
+# DeepSeek-V3 (Wang et al. 2024) on softmax scores and on DeepSeek's sigmoid, group-limited scores.
+BALANCING: dict[str, Scheme] = {
+    "shazeer": Scheme("noisy_topk", (), 0.1, 0.1, None,
+                      "noisy top-k, CV^2 of importance and of the smooth load, 0.1 each (the paper's)"),
+    "switch": Scheme("switch", (), 0.0, 0.01, None,
+                     "softmax over all experts, top-k of it, the Switch Transformer's loss (0.01) and z-loss"),
+    "no-loss": Scheme("topk", (), 0.0, 0.0, None, "softmax top-k, no balancing at all"),
+    "aux-free": Scheme("topk", (("expert_bias", True),), 0.0, 0.0, 1e-3,
+                       "softmax top-k with a selection bias moved by 1e-3 x sign(mean load - load) each step"),
+    "deepseek": Scheme("topk", (("score", "sigmoid"), ("num_groups", 4), ("topk_groups", 2), ("expert_bias", True)),
+                       0.0, 0.0, 1e-3, "sigmoid scores, 4 groups of which the best 2 are eligible, the same bias"),
+}
+
 
 # Settings a preset fills in; an option given on the command line wins. cpu-small runs all seven
 # models in about 10 minutes on one thread of a shared 2-core machine (5.5 min of CPU time); it was
@@ -61,12 +89,20 @@ class LMJobConfig:
     seed: int
     data: str | None
     corpus: str = "kjv"  # a name of CORPORA; unused when data is given
+    balancing: bool = False  # train each model once per scheme of BALANCING
 
     def model_config(self, trial: Trial, vocab_size: int) -> LSTMLMConfig:
-        return LSTMLMConfig(trial.model, vocab_size, dim=self.dim, k=self.k, dropout=self.dropout,
+        mcfg = LSTMLMConfig(trial.model, vocab_size, dim=self.dim, k=self.k, dropout=self.dropout,
                             w_importance=trial.w_importance, w_load=trial.w_load)
+        if trial.scheme is None:
+            return mcfg
+        scheme = BALANCING[trial.scheme]
+        return dataclasses.replace(mcfg, router=scheme.router, router_kwargs=scheme.router_kwargs)
 
     def trials(self) -> list[Trial]:
+        if self.balancing:
+            return [Trial(f"{m}_{name}", m, s.w_importance, s.w_load, name) for m in self.models
+                    for name, s in BALANCING.items()]
         if not self.ablation:
             return [Trial(m, m, self.w_importance, self.w_load) for m in self.models]
         return [Trial(f"{m}_wimp{wi:g}_wload{wl:g}", m, wi, wl) for m in self.models for wi, wl in ABLATION_GRID]
@@ -79,6 +115,7 @@ class Trial(NamedTuple):
     model: str
     w_importance: float
     w_load: float
+    scheme: str | None = None  # a name of BALANCING (--balancing)
 
 
 _OPTIONS: dict[str, tuple[Any, str]] = {
@@ -109,6 +146,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated models (default: {','.join(MODEL_NAMES)}; with --ablation: moe-32)")
     parser.add_argument("--ablation", action="store_true",
                         help="train the models once per (w_importance, w_load) of the paper's Table 6")
+    parser.add_argument("--balancing", action="store_true",
+                        help="train the flat MoE models once per balancing scheme: " + ", ".join(BALANCING)
+                             + " (default models: moe-32)")
     parser.add_argument("--corpus", choices=CORPORA, default="kjv",
                         help="named corpus, read offline from Debian packages (default: kjv; english: six English "
                              "texts, about 6.5M tokens, see moekit.data.english)")
@@ -130,11 +170,13 @@ def config_from_args(args: argparse.Namespace) -> LMJobConfig:
     if args.models:
         models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     else:
-        models = ("moe-32",) if args.ablation else MODEL_NAMES
+        models = ("moe-32",) if args.ablation or args.balancing else MODEL_NAMES
+    if args.ablation and args.balancing:
+        raise ConfigError("--ablation and --balancing exclude each other")
     if args.data is not None and args.corpus != "kjv":
         raise ConfigError(f"--data {args.data} and --corpus {args.corpus} exclude each other")
     cfg = LMJobConfig(models=models, ablation=args.ablation, preset=args.preset, seed=args.seed,
-                      data=args.data, corpus=args.corpus, **values)
+                      data=args.data, corpus=args.corpus, balancing=args.balancing, **values)
     check_config(cfg)
     return cfg
 
@@ -161,6 +203,10 @@ def check_config(cfg: LMJobConfig) -> None:
     if cfg.vocab_size <= len(LM_SPECIALS):
         raise ConfigError(f"vocab_size={cfg.vocab_size} leaves no room for a word: the vocabulary holds "
                           f"{len(LM_SPECIALS)} special tokens ({', '.join(LM_SPECIALS)}) first")
+    if cfg.balancing:
+        dense = [m for m in cfg.models if parse_model(m).kind != "moe"]
+        if dense:
+            raise ConfigError(f"--balancing compares the routers of flat MoE models; not {','.join(dense)}")
     for trial in cfg.trials():
         try:
             cfg.model_config(trial, cfg.vocab_size).check()
@@ -175,6 +221,7 @@ def command_line(cfg: LMJobConfig) -> str | None:
     defaults = {**_FIXED_DEFAULTS, **PRESETS[cfg.preset]}
     words = ["moekit", "lm", "--preset", cfg.preset, "--models", ",".join(cfg.models)]
     words += ["--ablation"] if cfg.ablation else []
+    words += ["--balancing"] if cfg.balancing else []
     words += ["--seed", str(cfg.seed)] if cfg.seed else []
     words += ["--data", cfg.data] if cfg.data else []
     words += ["--corpus", cfg.corpus] if cfg.corpus != "kjv" and not cfg.data else []

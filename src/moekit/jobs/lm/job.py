@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.balance import update_expert_bias
 from moekit.data import KJV_BOOKS, KJV_SPLIT, Vocab, eval_batches, kjv_corpus, lm_batch, text_file_corpus
 from moekit.data.english import BLOCK_TOKENS, SOURCES, SPLIT_PERIOD, english_corpus
 from moekit.data.fingerprint import data_fingerprint
 from moekit.jobs.lm import report
 from moekit.jobs.lm.config import (
+    BALANCING,
     PRESETS,
     LMJobConfig,
     add_args,
@@ -38,6 +40,7 @@ from moekit.jobs.lm.config import (
     command_line,
     config_from_args,
 )
+from moekit.metrics.load import LoadWindow, load_metrics
 from moekit.models.lstm_lm import LSTMLM, body_params, ops_per_timestep, parse_model
 from moekit.routing.losses import cv_squared
 from moekit.train.loop import LoopConfig, StepOutput, train
@@ -48,6 +51,9 @@ from moekit.train.session import Session
 from moekit.train.strategy import SINGLE_PROCESS, SingleProcess, from_args
 
 __all__ = ["PRESETS", "LMJobConfig", "add_args", "command_line", "config_from_args", "execute", "run"]
+
+
+DEAD_WINDOW = 100  # an expert is dead if it computed no token-slot in this many training steps
 
 
 class LMData(NamedTuple):
@@ -178,14 +184,17 @@ def evaluate(
 
 
 def balance_metrics(ev: EvalResult) -> dict[str, Any]:
-    """CV of importance and load (population std / mean, as in the losses) and max/mean load."""
+    """CV of importance and load (population std / mean, as in the losses), max/mean load, and the
+    experts no token of the pass reached (in eval mode the load is the hard count)."""
     if ev.importance_E is None or ev.load_E is None:
-        return {"cv_importance": None, "cv_load": None, "max_mean_load": None, "importance": None, "load": None}
+        return {"cv_importance": None, "cv_load": None, "max_mean_load": None, "dead_experts": None,
+                "importance": None, "load": None}
     load_E = ev.load_E
     return {
         "cv_importance": math.sqrt(cv_squared(ev.importance_E).item()),
         "cv_load": math.sqrt(cv_squared(load_E).item()),
         "max_mean_load": (load_E.max() / load_E.mean()).item() if load_E.sum() > 0 else None,
+        "dead_experts": int((load_E == 0).sum()),
         "importance": ev.importance_E.tolist(),
         "load": load_E.tolist(),
     }
@@ -202,14 +211,38 @@ def batch_balance(stats) -> list[float]:
     return [math.sqrt(stats.losses["importance"].item()), math.sqrt(stats.losses["load"].item()), max_mean]
 
 
+def batch_counts_balance(stats) -> list[float]:
+    """[CV, max/ideal] of the token-slots each expert computed in one training batch (the hard
+    counts, comparable across routers whatever their notion of load)."""
+    m = load_metrics(stats.counts)
+    return [math.sqrt(cv_squared(stats.counts.detach().double()).item()), m.max_over_ideal]
+
+
 def train_balance(history: dict[str, Any], last_fraction: float = 0.1) -> dict[str, float | None]:
-    """``batch_balance`` averaged over the last ``last_fraction`` of the training steps."""
-    rows = history.get("train_balance")
-    if not rows:
-        return {"train_cv_importance": None, "train_cv_load": None, "train_max_mean_load": None}
-    tail = rows[-max(1, int(len(rows) * last_fraction)):]
-    means = [sum(col) / len(col) for col in zip(*tail, strict=True)]
-    return dict(zip(("train_cv_importance", "train_cv_load", "train_max_mean_load"), means, strict=True))
+    """``batch_balance`` and ``batch_counts_balance`` averaged over the last ``last_fraction`` of the
+    training steps, and with per-step counts recorded (``--balancing``) the experts that computed no
+    token in the last ``DEAD_WINDOW`` steps."""
+    out: dict[str, float | None] = {}
+    for key, names in (("train_balance", ("train_cv_importance", "train_cv_load", "train_max_mean_load")),
+                       ("train_counts_balance", ("train_cv_counts", "train_max_over_ideal"))):
+        rows = history.get(key)
+        if not rows:
+            out.update(dict.fromkeys(names))
+            continue
+        tail = rows[-max(1, int(len(rows) * last_fraction)):]
+        means = [sum(col) / len(col) for col in zip(*tail, strict=True)]
+        out.update(zip(names, means, strict=True))
+    counts = history.get("train_counts")
+    out["train_dead_experts"] = None if not counts else dead_experts(counts[-DEAD_WINDOW:])
+    return out
+
+
+def dead_experts(counts_per_step: list[list[int]]) -> int:
+    """The experts that computed no token-slot in any of the given steps."""
+    window = LoadWindow(len(counts_per_step[0]), len(counts_per_step))
+    for counts in counts_per_step:
+        window.update(torch.tensor(counts))
+    return window.metrics().dead
 
 
 def train_trial(cfg: LMJobConfig, index: int, data: LMData, session: Session, device: torch.device, quiet: bool,
@@ -226,6 +259,7 @@ def train_trial(cfg: LMJobConfig, index: int, data: LMData, session: Session, de
     model = par.prepare(model, {"job": dataclasses.asdict(cfg), "trial": index})
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = session.start(trial.label, model, opt)
+    scheme = None if trial.scheme is None else BALANCING[trial.scheme]
 
     def step(i: int) -> StepOutput:
         x_BS, y_BS = lm_batch(data.train, cfg.batch_size, cfg.seq_len, cfg.seed, i)
@@ -233,8 +267,16 @@ def train_trial(cfg: LMJobConfig, index: int, data: LMData, session: Session, de
         # The mean over this rank's rows; equal rows per rank make the mean over ranks the mean
         # over the global batch, which is what the synchronised gradients descend.
         ce = F.cross_entropy(out.logits.flatten(0, 1).float(), par.shard(y_BS).to(device).flatten())
-        balance = None if out.stats is None else batch_balance(out.stats)
-        return StepOutput(ce + out.aux_loss, {"train_loss": par.mean(ce.detach()).item(), "train_balance": balance})
+        values: dict[str, Any] = {"train_loss": par.mean(ce.detach()).item()}
+        if out.stats is not None:
+            values.update(train_balance=batch_balance(out.stats), train_counts_balance=batch_counts_balance(out.stats))
+            if scheme is not None:  # the balancing study keeps every step's counts (dead experts over a window)
+                values["train_counts"] = out.stats.counts.tolist()
+        return StepOutput(ce + out.aux_loss, values)
+
+    def after_step() -> None:
+        if scheme is not None and scheme.bias_rate is not None:
+            update_expert_bias(model, rate=scheme.bias_rate)
 
     def validate() -> dict[str, float]:
         return {"valid_ppl": evaluate(model, data.valid, cfg.batch_size, cfg.seq_len, device, cfg.eval_tokens, par).ppl}
@@ -242,7 +284,7 @@ def train_trial(cfg: LMJobConfig, index: int, data: LMData, session: Session, de
     loop = LoopConfig(cfg.steps, cfg.checkpoint_every, cfg.eval_every, cfg.clip, cfg.batch_size * cfg.seq_len)
     train(model, opt, state, loop, step, lambda s: session.save(trial.label, s, model, opt),
           desc=f"{trial.label} [{index + 1}/{len(trials)}]", quiet=quiet, lr=inverse_sqrt(cfg.lr, cfg.warmup),
-          evaluate=validate, strategy=par)
+          evaluate=validate, after_step=after_step, strategy=par)
     t0 = time.perf_counter()
     valid = evaluate(model, data.valid, cfg.batch_size, cfg.seq_len, device, par=par)
     test = evaluate(model, data.test, cfg.batch_size, cfg.seq_len, device, par=par)
@@ -254,7 +296,7 @@ def train_trial(cfg: LMJobConfig, index: int, data: LMData, session: Session, de
         "ops_per_timestep": ops_per_timestep(mcfg), "params": params,
         "test_ppl": test.ppl, "valid_ppl": valid.ppl, **balance_metrics(test),
         **train_balance(state.history),
-        "w_importance": trial.w_importance, "w_load": trial.w_load,
+        "w_importance": trial.w_importance, "w_load": trial.w_load, "scheme": trial.scheme,
         "steps": state.step, "train_time_s": state.elapsed_s,
         "eval_time_s": eval_time_s, "history": state.history,
     }
@@ -305,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         par.close()
     if par.is_main:
-        print(report.summary_table(metrics["models"], cfg.ablation))
+        print(report.balancing_table(metrics["models"]) if cfg.balancing
+              else report.summary_table(metrics["models"], cfg.ablation))
         print(f"results in {args.out}")
     return 0

@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
-from moekit.jobs.lm.config import LMJobConfig
+from moekit.jobs.lm.config import BALANCING, LMJobConfig
 from moekit.train import plots
 from moekit.train.checkpoint import atomic_write
 from moekit.train.outdir import METRICS_FILE, REPORT_FILE, write_json, write_text
@@ -75,16 +75,75 @@ def summary_table(models: Sequence[dict[str, Any]], ablation: bool) -> str:
                         + " |")
         return "\n".join(rows)
     rows = ["| model | experts | k | ops/timestep | params | valid PPL | test PPL | CV(importance) | CV(load) "
-            "| max/mean load | paper test PPL | paper ops/timestep | paper params |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| max/mean load | dead experts | paper test PPL | paper ops/timestep | paper params |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in models:
         paper: tuple[object, ...] = PAPER_TABLE7.get(m["model"], ("–", "–", "–"))
         rows.append(
             f"| {m['name']} | {m['experts'] or '–'} | {m['k'] or '–'} | {_count(m['ops_per_timestep'])} "
             f"| {_count(m['params'])} | {_fmt(m['valid_ppl'])} | {_fmt(m['test_ppl'])} "
             f"| {_fmt(m['cv_importance'])} | {_fmt(m['cv_load'])} | {_fmt(m['max_mean_load'])} "
+            f"| {m.get('dead_experts', '–') if m.get('dead_experts') is not None else '–'} "
             f"| {paper[0]} | {paper[1]} | {paper[2]} |")
     return "\n".join(rows)
+
+
+def balancing_table(models: Sequence[dict[str, Any]]) -> str:
+    """``--balancing``: each scheme's quality and balance, on the test pass and over training."""
+    rows = ["| model | scheme | test PPL | CV(load) test | max/mean test | dead experts test | CV(counts) train "
+            "| max/ideal train | dead experts, last 100 steps |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in models:
+        rows.append(f"| {m['model']} | {m['scheme']} | {_fmt(m['test_ppl'])} | {_fmt(m['cv_load'])} "
+                    f"| {_fmt(m['max_mean_load'])} | {m['dead_experts']} | {_fmt(m['train_cv_counts'])} "
+                    f"| {_fmt(m['train_max_over_ideal'])} | {m['train_dead_experts']} |")
+    return "\n".join(rows)
+
+
+def balancing_findings(models: Sequence[dict[str, Any]]) -> list[str]:
+    """Which scheme gives the best perplexity and the most even load, model by model."""
+    lines = []
+    for name in dict.fromkeys(m["model"] for m in models):
+        runs = [m for m in models if m["model"] == name]
+        best = min(runs, key=lambda m: m["test_ppl"])
+        even = min(runs, key=lambda m: m["train_cv_counts"])
+        worst = max(runs, key=lambda m: m["train_cv_counts"])
+        lines.append(f"{name}: the best test perplexity is {best['scheme']}'s ({best['test_ppl']:.2f}; the others "
+                     + ", ".join(f"{m['scheme']} {m['test_ppl']:.2f}" for m in runs if m is not best) + ").")
+        lines.append(f"{name}: the most even training load is {even['scheme']}'s (CV of the counts "
+                     f"{even['train_cv_counts']:.2f}, max/ideal {even['train_max_over_ideal']:.2f}); the least even "
+                     f"{worst['scheme']}'s ({worst['train_cv_counts']:.2f}, {worst['train_max_over_ideal']:.2f}, "
+                     f"{worst['train_dead_experts']} experts idle over the last 100 steps).")
+    return lines
+
+
+def plot_balancing(path: Path, models: Sequence[dict[str, Any]], window: int = 100) -> None:
+    """CV of the per-expert counts (moving average over ``window`` steps) and the experts idle over
+    the last ``window`` steps, against the training step, one line per scheme."""
+    fig = Figure(figsize=(10.0, 4.0))
+    ax_cv, ax_dead = fig.subplots(1, 2)
+    for m in models:
+        steps, rows = m["history"]["train_step"], m["history"]["train_counts_balance"]
+        cv = [r[0] for r in rows]
+        smooth = [sum(cv[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(cv))]
+        label = f"{m['model']} {m['scheme']}"
+        ax_cv.plot(steps, smooth, label=label)
+        counts = m["history"]["train_counts"]
+        dead, total = [], torch.zeros(len(counts[0]), dtype=torch.long)
+        for i, c in enumerate(counts):  # a running window of counts
+            total += torch.tensor(c)
+            if i >= window:
+                total -= torch.tensor(counts[i - window])
+            dead.append(int((total == 0).sum()))
+        ax_dead.plot(steps, dead, label=label)
+    ax_cv.set(xlabel="training step", ylabel=f"CV of the tokens per expert ({window}-step mean)",
+              title="load imbalance over training")
+    ax_dead.set(xlabel="training step", ylabel=f"experts with no token in the last {window} steps",
+                title="dead experts")
+    for ax in (ax_cv, ax_dead):
+        ax.grid(alpha=0.3)
+    ax_cv.legend(fontsize="small")
+    plots.save_figure(fig, path)
 
 
 def short_table(models: Sequence[dict[str, Any]]) -> str:
@@ -232,13 +291,19 @@ def _setup_lines(cfg: LMJobConfig, metrics: dict[str, Any]) -> list[str]:
 def write_report(out: Path, cfg: LMJobConfig, data: LMData, metrics: dict[str, Any]) -> None:
     models = metrics["models"]
     title = ("Balancing-loss ablation (Table 6)" if cfg.ablation
+             else "Balancing schemes side by side" if cfg.balancing
              else "LSTM-MoE vs compute-matched dense models (Table 7)")
     command = [f"- Command: `{metrics['command']}`"] if metrics["command"] else []
-    lines = [f"# moekit lm: {title}", "", *command, *_data_lines(data, metrics), *_setup_lines(cfg, metrics), "",
-             summary_table(models, cfg.ablation), "", "## Findings", ""]
-    lines += [f"- {line}" for line in findings(models, cfg.ablation)] or ["- (no comparison possible)"]
+    schemes = [f"- `{name}`: {s.description}." for name, s in BALANCING.items()] if cfg.balancing else []
+    table = balancing_table(models) if cfg.balancing else summary_table(models, cfg.ablation)
+    found = balancing_findings(models) if cfg.balancing else findings(models, cfg.ablation)
+    lines = [f"# moekit lm: {title}", "", *command, *_data_lines(data, metrics), *_setup_lines(cfg, metrics),
+             *schemes, "", table, "", "## Findings", ""]
+    lines += [f"- {line}" for line in found] or ["- (no comparison possible)"]
     lines += ["", "## Plots", "", "![validation perplexity](valid_ppl.png)", ""]
-    if not cfg.ablation:
+    if cfg.balancing:
+        lines += ["![load over training](balancing_load.png)", ""]
+    elif not cfg.ablation:
         lines += ["![perplexity vs experts](ppl_vs_experts.png)", ""]
     lines += ["![per-expert load](expert_load.png)", ""]
     write_text(out / REPORT_FILE, "\n".join(lines))
@@ -252,6 +317,7 @@ def write_outputs(out: Path, cfg: LMJobConfig, data: LMData, results: list[dict[
         "models": results,
         "command": command,
         "ablation": cfg.ablation,
+        "balancing": cfg.balancing,
         "data": data.source,
         "split": data.split,
         "vocab_size": len(data.vocab),
@@ -266,7 +332,9 @@ def write_outputs(out: Path, cfg: LMJobConfig, data: LMData, results: list[dict[
         arrays.update({f"{label}__{name}": t.numpy() for name, t in losses.items()})
     atomic_write(out / "eval_nll.npz", lambda f: np.savez_compressed(f, **arrays))
     plot_valid_curves(out / "valid_ppl.png", results, cfg.eval_tokens)
-    if not cfg.ablation:
+    if cfg.balancing:
+        plot_balancing(out / "balancing_load.png", results)
+    elif not cfg.ablation:
         plot_ppl_vs_experts(out / "ppl_vs_experts.png", results)
     plot_load_distribution(out / "expert_load.png", results)
     for m in results:
