@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.experts.grouped import GroupPlan, grouped_linear, grouped_relu_mlp, one_group, plan_groups
+from moekit.dispatch.sort import Permutation, combine
+from moekit.experts.grouped import GradientBuffers, GroupPlan, grouped_linear, grouped_relu_mlp, one_group, plan_groups
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu, "clamped_swiglu": F.silu}
@@ -182,6 +183,7 @@ class Experts(nn.Module):
                   "b3": (num_experts, hidden_dim) if bias and activation == "clamped_swiglu" else None}
         for name, shape in shapes.items():
             self.register_parameter(name, None if shape is None else nn.Parameter(torch.empty(shape, **kw)))
+        self._grad_buffers = GradientBuffers()  # the weight gradients' storage, reused (see forward_rows)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -210,15 +212,45 @@ class Experts(nn.Module):
         return affine(self.hidden(affine(x_ND, ws.w1[e], pick(ws.b1)), up), ws.w2[e], pick(ws.b2))
 
     def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Apply expert e to the e-th contiguous segment of ``x_ND`` (sizes ``counts``). Returns [N, D]."""
-        if len(counts) != self.num_experts:
-            raise ValueError(f"counts has {len(counts)} entries for {self.num_experts} experts")
+        """Apply expert e to the e-th contiguous segment of ``x_ND`` (sizes ``counts``). Returns [N, D].
+
+        What the all-to-all dispatcher calls: the rows arrive grouped by expert.
+        """
+        self._check_counts(counts)
         backend, plan = choose_compute(self.backend, x_ND, counts)
         if plan is not None:  # "bmm": padded groups of experts
             return self._forward_padded(x_ND, counts, plan)
-        if backend == "grouped_mm":
-            return self._forward_grouped(x_ND, counts)
-        return self._forward_loop(x_ND, counts)
+        return self._compute(backend, x_ND, counts)
+
+    def forward_tokens(self, x_TD: torch.Tensor, perm: Permutation, weights_TK: torch.Tensor) -> torch.Tensor:
+        """``y[t] = sum_j weights[t, j] * expert_(t, j)(x[t])`` for the slots of ``perm`` (tokens of
+        ``x_TD`` [T, D] grouped by expert, ``moekit.dispatch.sort_by_expert``). Returns [T, D].
+
+        What the local dispatcher calls: the same computation as ``forward`` on the gathered rows,
+        then the weighted scatter back, but on the padded layout the rows are gathered straight
+        into the padded buffer and combined straight from it (no [N, D] copy either way).
+        """
+        self._check_counts(perm.counts)
+        backend, plan = choose_compute(self.backend, x_TD, perm.counts)
+        if plan is None:
+            h_ND = self._compute(backend, x_TD.index_select(0, perm.token_ids_N), perm.counts)
+            return combine(h_ND, perm, weights_TK, x_TD.shape[0])
+        num_tokens, dim = x_TD.shape
+        rows_N = plan.padded_rows(perm.counts_E.to(x_TD.device))
+        # Padding rows read token 0 and are combined with weight 0: their contribution to the output
+        # and to every gradient is exactly zero.
+        src_R = torch.zeros(plan.rows, dtype=torch.long, device=x_TD.device).index_put_((rows_N,), perm.token_ids_N)
+        w_R = x_TD.new_zeros(plan.rows).index_put((rows_N,), weights_TK.reshape(-1)[perm.slot_ids_N].to(x_TD.dtype))
+        # index_select, not x_TD[src]: its backward is an index_add, much faster than index_put(accumulate).
+        y_RD = self.forward_rows(x_TD.index_select(0, src_R), plan)
+        return x_TD.new_zeros(num_tokens, dim).index_add(0, src_R, y_RD * w_R[:, None])
+
+    def _check_counts(self, counts: list[int]) -> None:
+        if len(counts) != self.num_experts:
+            raise ValueError(f"counts has {len(counts)} entries for {self.num_experts} experts")
+
+    def _compute(self, backend: str, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return self._forward_grouped(x_ND, counts) if backend == "grouped_mm" else self._forward_loop(x_ND, counts)
 
     def _weights(self, dtype: torch.dtype) -> ExpertWeights:
         ws = (self.w1, self.b1, self.w2, self.b2, self.w3, self.b3)
@@ -250,10 +282,18 @@ class Experts(nn.Module):
         batched matmul per group of experts and weight. Returns [R, D]; padding rows hold
         ``act(b1) @ w2 + b2`` and are meant to be ignored."""
         w1, b1, w2, b2, w3, b3 = self._weights(x_RD.dtype)
+        # On CPU the weight gradients reuse their storage from step to step (GradientBuffers); CUDA's
+        # caching allocator already does.
+        bank = self._grad_buffers if x_RD.device.type == "cpu" else None
+
+        def buffers(prefix: str) -> tuple[GradientBuffers, str] | None:
+            return None if bank is None else (bank, prefix)
+
         if self.activation == "relu" and b1 is not None and b2 is not None:  # the fused kernel takes both biases
-            return grouped_relu_mlp(x_RD, w1, b1, w2, b2, plan)
-        up = None if w3 is None else grouped_linear(x_RD, w3, b3, plan)
-        return grouped_linear(self.hidden(grouped_linear(x_RD, w1, b1, plan), up), w2, b2, plan)
+            return grouped_relu_mlp(x_RD, w1, b1, w2, b2, plan, buffers(""))
+        up = None if w3 is None else grouped_linear(x_RD, w3, b3, plan, buffers("w3"))
+        return grouped_linear(self.hidden(grouped_linear(x_RD, w1, b1, plan, buffers("w1")), up), w2, b2, plan,
+                              buffers("w2"))
 
     def _forward_padded(self, x_ND: torch.Tensor, counts: list[int], plan: GroupPlan) -> torch.Tensor:
         # On CPU a batched matmul over a few experts' [C, D] blocks runs at the speed of one big

@@ -15,6 +15,7 @@ backwards that write every expert's weight gradient straight into one [E, I, O] 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,50 @@ GROUP_OVERHEAD_ROWS = 4
 def group_cost(size: int, cap: int, threads: int, overhead_rows: int = GROUP_OVERHEAD_ROWS) -> int:
     """Cost, in padded rows, of one batched matmul over ``size`` experts of ``cap`` rows each."""
     return -(-size // threads) * threads * cap + overhead_rows
+
+
+class GradientBuffers:
+    """Storage for the [E, I, O] weight gradients of the grouped kernels, kept from one backward to the next.
+
+    With glibc's default settings every allocation above its mmap threshold (at most 32 MiB) gets
+    fresh pages from the kernel and gives them back when freed, so a bank's weight gradients, the
+    same shapes every step (512 MiB each at E=256, D=512, F=1024 in float32), would be page-faulted
+    in anew each step (~0.45 s per GiB on the CPUs measured). The bank keeps their storage instead
+    and hands autograd a new tensor over it each backward, which autograd then stores as the
+    parameter's ``.grad`` without a copy.
+
+    A buffer is reused only when nothing else holds its storage any more: not the tensor handed out
+    last time (alive while it is still a ``.grad``, e.g. when gradients accumulate over several
+    backwards), nor any view of it; otherwise a new buffer is made. It costs the memory of the
+    gradients between steps, as ``zero_grad(set_to_none=False)`` would.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._handed: dict[str, weakref.ref[torch.Tensor]] = {}
+
+    def empty_like(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor shaped like ``like`` (contiguous), over reused storage when free."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device \
+                or self._in_use(name, buf):
+            buf = self._buffers[name] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        # A new tensor object over the buffer's storage: autograd takes it as the .grad only when no
+        # other reference to the object exists (else it copies), and ours is to the buffer.
+        out = torch.empty(0, dtype=buf.dtype, device=buf.device).set_(buf.untyped_storage(), 0, buf.shape,
+                                                                      buf.stride())
+        self._handed[name] = weakref.ref(out)
+        return out
+
+    def _in_use(self, name: str, buf: torch.Tensor) -> bool:
+        handed = self._handed.get(name)
+        if handed is not None and handed() is not None:
+            return True
+        use_count = getattr(torch._C, "_storage_Use_Count", None)
+        if use_count is None:  # no way to see views: never risk overwriting one
+            return True
+        # The buffer holds its storage once, and the temporary wrapper below once more.
+        return use_count(buf.untyped_storage()._cdata) > 2
 
 
 class Group(NamedTuple):
@@ -122,9 +167,17 @@ def _blocks(t_R: torch.Tensor, g: Group) -> torch.Tensor:
     return t_R[g.row:g.row + (g.end - g.start) * g.cap].view(g.end - g.start, g.cap, t_R.shape[-1])
 
 
+def _weight_grad(buffers: tuple[GradientBuffers, str] | None, name: str, w: torch.Tensor) -> torch.Tensor:
+    """The weight gradient's tensor: from ``buffers`` (a bank's, and the prefix of its names) if given."""
+    if buffers is None:
+        return torch.empty_like(w)
+    bank, prefix = buffers
+    return bank.empty_like(prefix + name, w)
+
+
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_RI, w_EIO, b_EO, groups):
+    def forward(ctx, x_RI, w_EIO, b_EO, groups, buffers):
         x_RI = x_RI.contiguous()
         y_RO = x_RI.new_empty(x_RI.shape[0], w_EIO.shape[-1])
         for g in groups:
@@ -136,7 +189,7 @@ class _GroupedLinear(torch.autograd.Function):
             else:
                 torch.baddbmm(b_EO[g.start:g.end, None, :], x_GCI, w_GIO, out=y_GCO)
         ctx.save_for_backward(x_RI, w_EIO)
-        ctx.groups, ctx.has_bias = groups, b_EO is not None
+        ctx.groups, ctx.has_bias, ctx.buffers = groups, b_EO is not None, buffers
         return y_RO
 
     @staticmethod
@@ -146,7 +199,7 @@ class _GroupedLinear(torch.autograd.Function):
         dy_RO = dy_RO.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx_RI = torch.empty_like(x_RI) if need_x else None
-        dw_EIO = torch.empty_like(w_EIO) if need_w else None
+        dw_EIO = _weight_grad(ctx.buffers, "", w_EIO) if need_w else None
         db_EO = w_EIO.new_empty(w_EIO.shape[0], w_EIO.shape[-1]) if need_b and ctx.has_bias else None
         for g in ctx.groups:
             if g.cap == 0:  # no row: nothing of dx, and a zero gradient for these experts
@@ -161,11 +214,11 @@ class _GroupedLinear(torch.autograd.Function):
                 torch.bmm(_blocks(x_RI, g).transpose(1, 2), dy_GCO, out=dw_EIO[g.start:g.end])
             if db_EO is not None:
                 torch.sum(dy_GCO, 1, out=db_EO[g.start:g.end])
-        return dx_RI, dw_EIO, db_EO, None
+        return dx_RI, dw_EIO, db_EO, None, None
 
 
 def grouped_linear(x_RI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor | None,
-                   plan: GroupPlan) -> torch.Tensor:
+                   plan: GroupPlan, buffers: tuple[GradientBuffers, str] | None = None) -> torch.Tensor:
     """``y[r] = x[r] @ w[e] + b[e]`` for every padded row r of expert e (layout of ``plan``). Returns [R, O].
 
     Differentiable once in ``x``, ``w`` and ``b``; the weight gradient is one [E, I, O] tensor
@@ -173,7 +226,7 @@ def grouped_linear(x_RI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor |
     """
     if x_RI.shape[0] != plan.rows:
         raise ValueError(f"x has {x_RI.shape[0]} rows; the plan lays out {plan.rows}")
-    return _GroupedLinear.apply(x_RI, w_EIO, b_EO, plan.groups)
+    return _GroupedLinear.apply(x_RI, w_EIO, b_EO, plan.groups, buffers)
 
 
 class _GroupedReluMLP(torch.autograd.Function):
@@ -183,7 +236,7 @@ class _GroupedReluMLP(torch.autograd.Function):
     and the hidden activations make one trip to memory instead of three."""
 
     @staticmethod
-    def forward(ctx, x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED, groups):
+    def forward(ctx, x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED, groups, buffers):
         x_RD = x_RD.contiguous()
         h_RF = x_RD.new_empty(x_RD.shape[0], w1_EDF.shape[-1])
         y_RD = x_RD.new_empty(x_RD.shape[0], w2_EFD.shape[-1])
@@ -196,7 +249,7 @@ class _GroupedReluMLP(torch.autograd.Function):
             h_GCF.relu_()
             torch.baddbmm(b2_ED[s:e, None, :], h_GCF, w2_EFD[s:e], out=_blocks(y_RD, g))
         ctx.save_for_backward(x_RD, w1_EDF, w2_EFD, h_RF)
-        ctx.groups = groups
+        ctx.groups, ctx.buffers = groups, buffers
         return y_RD
 
     @staticmethod
@@ -206,9 +259,9 @@ class _GroupedReluMLP(torch.autograd.Function):
         dy_RD = dy_RD.contiguous()
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         dx_RD = torch.empty_like(x_RD) if need_x else None
-        dw1 = torch.empty_like(w1_EDF) if need_w1 else None
+        dw1 = _weight_grad(ctx.buffers, "w1", w1_EDF) if need_w1 else None
         db1 = w1_EDF.new_empty(w1_EDF.shape[0], w1_EDF.shape[-1]) if need_b1 else None
-        dw2 = torch.empty_like(w2_EFD) if need_w2 else None
+        dw2 = _weight_grad(ctx.buffers, "w2", w2_EFD) if need_w2 else None
         db2 = w2_EFD.new_empty(w2_EFD.shape[0], w2_EFD.shape[-1]) if need_b2 else None
         # One scratch block for the hidden gradient of a group, reused group after group.
         largest = max(((g.end - g.start) * g.cap for g in ctx.groups), default=0)
@@ -235,11 +288,12 @@ class _GroupedReluMLP(torch.autograd.Function):
                 torch.bmm(_blocks(x_RD, g).transpose(1, 2), dh_GCF, out=dw1[s:e])
             if db1 is not None:
                 torch.sum(dh_GCF, 1, out=db1[s:e])
-        return dx_RD, dw1, db1, dw2, db2, None
+        return dx_RD, dw1, db1, dw2, db2, None, None
 
 
 def grouped_relu_mlp(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tensor, w2_EFD: torch.Tensor,
-                     b2_ED: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+                     b2_ED: torch.Tensor, plan: GroupPlan, buffers: tuple[GradientBuffers, str] | None = None,
+                     ) -> torch.Tensor:
     """``relu(x[r] @ w1[e] + b1[e]) @ w2[e] + b2[e]`` for every padded row r of expert e. Returns [R, D].
 
     The same values and gradients as ``grouped_linear`` -> ReLU -> ``grouped_linear``, computed
@@ -247,4 +301,4 @@ def grouped_relu_mlp(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tens
     """
     if x_RD.shape[0] != plan.rows:
         raise ValueError(f"x has {x_RD.shape[0]} rows; the plan lays out {plan.rows}")
-    return _GroupedReluMLP.apply(x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED, plan.groups)
+    return _GroupedReluMLP.apply(x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED, plan.groups, buffers)

@@ -137,3 +137,50 @@ def test_grouped_relu_mlp_equals_the_unfused_layers():
     assert torch.autograd.gradcheck(lambda *t: grouped_relu_mlp(*t, plan), (x, *params))
     with pytest.raises(ValueError, match="the plan lays out"):
         grouped_relu_mlp(x[1:], w1, b1, w2, b2, plan)
+
+
+def _bank_and_batch(activation="relu", seed=0):
+    import moekit
+    from moekit.dispatch import sort_by_expert
+
+    torch.manual_seed(seed)
+    experts = moekit.Experts(4, 8, 16, activation, backend="bmm")
+    x = torch.randn(40, 8)
+    perm = sort_by_expert(torch.randint(0, 4, (40, 2)), 4)
+    return experts, x, perm, torch.rand(40, 2)
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_reused_gradient_storage_gives_the_same_gradients_and_is_reused(activation):
+    experts, x, perm, w = _bank_and_batch(activation)
+    grads = []
+    for _ in range(3):
+        experts.zero_grad(set_to_none=True)  # what optimizers do: the .grad objects go
+        experts.forward_tokens(x, perm, w).pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in experts.named_parameters()})
+        pointers = {n: p.grad.data_ptr() for n, p in experts.named_parameters() if p.dim() == 3}
+    for g in grads[1:]:
+        for n in g:
+            assert torch.equal(g[n], grads[0][n]), n
+    # The weight gradients of the last step live in the storage of the first step's.
+    experts.zero_grad(set_to_none=True)
+    experts.forward_tokens(x, perm, w).pow(2).sum().backward()
+    assert {n: p.grad.data_ptr() for n, p in experts.named_parameters() if p.dim() == 3} == pointers
+
+
+def test_gradients_still_held_are_never_overwritten():
+    experts, x, perm, w = _bank_and_batch()
+    # Accumulating over two backwards (no zero_grad): the first .grad is alive, so the second
+    # backward must not write into its storage; the sum is twice one backward's gradient.
+    experts.forward_tokens(x, perm, w).pow(2).sum().backward()
+    once = experts.w1.grad.clone()
+    experts.forward_tokens(x, perm, w).pow(2).sum().backward()
+    torch.testing.assert_close(experts.w1.grad, 2 * once)
+    # A view kept after the .grad object is dropped keeps the storage from being reused.
+    experts.zero_grad(set_to_none=True)
+    experts.forward_tokens(x, perm, w).pow(2).sum().backward()
+    kept = experts.w1.grad[0]
+    snapshot = kept.clone()
+    experts.zero_grad(set_to_none=True)
+    experts.forward_tokens(x * 3, perm, w).pow(2).sum().backward()
+    assert torch.equal(kept, snapshot)
