@@ -16,14 +16,22 @@ from torch import nn
 
 
 class DenseFFN(nn.Module):
-    """The limit: one FFN D -> F -> D applied to T*K tokens, i.e. the MoE's active FLOPs."""
+    """The limit: one FFN D -> F -> D applied to T*K tokens, i.e. the MoE's active FLOPs.
 
-    def __init__(self, dim: int, hidden: int, dtype=None):
+    ``activation="swiglu"``: ``(silu(x W1) * (x W3)) W2`` (a Mixtral expert), with ``bias`` as the
+    experts it is compared with.
+    """
+
+    def __init__(self, dim: int, hidden: int, dtype=None, activation: str = "relu", bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, dtype=dtype)
-        self.fc2 = nn.Linear(hidden, dim, dtype=dtype)
+        self.activation = activation
+        self.fc1 = nn.Linear(dim, hidden, bias=bias, dtype=dtype)
+        self.fc3 = nn.Linear(dim, hidden, bias=bias, dtype=dtype) if activation == "swiglu" else None
+        self.fc2 = nn.Linear(hidden, dim, bias=bias, dtype=dtype)
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        if self.fc3 is not None:
+            return self.fc2(F.silu(self.fc1(x_ND)) * self.fc3(x_ND))
         return self.fc2(F.relu(self.fc1(x_ND)))
 
 

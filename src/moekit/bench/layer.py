@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import moekit
+from moekit.bench import hf, roofline
 from moekit.bench.baselines import DenseFFN, MaskedLoopMoE, NonzeroSplitMoE, OneHotEinsumMoE
 from moekit.bench.timing import machine_tag, peak_memory, results_path, time_interleaved, write_json
 from moekit.memory import keep_freed_memory
@@ -40,19 +41,26 @@ class Case:
     baselines: tuple[str, ...] = ()
     memory: bool = False
     compile: bool = False  # also time torch.compile(moe)
+    activation: str = "relu"
+    bias: bool = True
+    roofline: bool = False  # also the memory roofline of the forward pass (moekit.bench.roofline)
+    hf: bool = False  # a Mixtral block: moekit vs transformers' experts implementations, the same weights
 
     @property
     def name(self) -> str:
         mode = "fwd+bwd" if self.backward else "fwd"
         cap = "dropless" if self.capacity_factor is None else f"cf={self.capacity_factor}"
-        return (f"T={self.tokens} E={self.experts} k={self.k} {self.dtype} {mode} {self.router} {cap}")
+        act = "" if self.activation == "relu" else f" {self.activation}"
+        return (f"T={self.tokens} E={self.experts} k={self.k}{act} {self.dtype} {mode} {self.router} {cap}")
 
 
 def default_cases(quick: bool) -> list[Case]:
     if quick:
         base = Case(tokens=64, dim=16, hidden=32, experts=4, k=2)
+        mix = replace(base, activation="swiglu", bias=False, router="topk", hf=hf.available())
         return [replace(base, baselines=tuple(BASELINES), memory=True), replace(base, experts=8),
-                replace(base, experts=8, capacity_factor=1.25, router="topk")]
+                replace(base, experts=8, capacity_factor=1.25, router="topk"), mix,
+                replace(mix, tokens=4, backward=False, roofline=True)]
     head = Case(baselines=tuple(BASELINES), memory=True, compile=True)
     cases = [replace(head, experts=e) for e in (4, 32, 256)]
     e32 = Case(experts=32)
@@ -60,14 +68,29 @@ def default_cases(quick: bool) -> list[Case]:
               replace(e32, backward=False), replace(e32, k=2), replace(e32, experts=256, k=2)]
     small = Case(tokens=16, backward=False, baselines=tuple(BASELINES))
     cases += [replace(small, experts=e) for e in (32, 256)]
+    # Mixtral-shaped blocks (SwiGLU experts without biases, softmax top-2): large batches against the
+    # dense SwiGLU limit, small ones against the memory roofline; transformers' implementations beside.
+    mix = Case(tokens=4096, k=2, activation="swiglu", bias=False, router="topk", hf=hf.available())
+    cases += [replace(mix, experts=e, backward=b) for e in (8, 64) for b in (False, True)]
+    cases += [replace(mix, tokens=t, experts=e, backward=False, roofline=True, hf=mix.hf and t == 16)
+              for t in (1, 4, 16, 64) for e in (8, 64)]
+    cases += [replace(mix, tokens=16, experts=e) for e in (8, 64)]
     return cases
 
 
 def _build(case: Case, device: str):
     dtype = getattr(torch, case.dtype)
-    moe = moekit.MoE(case.dim, case.experts, case.k, case.hidden, router=case.router,
-                     capacity_factor=case.capacity_factor, device=device, dtype=dtype)
-    models: dict[str, Any] = {"moekit": moe, "limit": DenseFFN(case.dim, case.hidden, dtype=dtype).to(device)}
+    hf_blocks: dict[str, Any] = {}
+    if case.hf:  # the same weights in moekit and in transformers' block
+        moe, hf_blocks = hf.mixtral_candidates(case.dim, case.hidden, case.experts, case.k, case.tokens, dtype)
+        moe = moe.to(device)
+    else:
+        moe = moekit.MoE(case.dim, case.experts, case.k, case.hidden, router=case.router,
+                         capacity_factor=case.capacity_factor, activation=case.activation, bias=case.bias,
+                         device=device, dtype=dtype)
+    limit = DenseFFN(case.dim, case.hidden, dtype=dtype, activation=case.activation, bias=case.bias)
+    models: dict[str, Any] = {"moekit": moe, "limit": limit.to(device)}
+    models.update({name: block.to(device) for name, block in hf_blocks.items()})
     if case.compile:
         models["compiled"] = torch.compile(moe)
     for name in case.baselines:
@@ -91,7 +114,7 @@ def _step(model, x, backward: bool):
         if isinstance(out, moekit.MoEOutput):
             loss = out.y.float().sum() + out.aux_loss
         else:
-            loss = out.float().sum()
+            loss = (out[0] if isinstance(out, tuple) else out).float().sum()
         loss.backward()
 
     return run
@@ -101,14 +124,23 @@ def run_case(case: Case, device: str, repeats: int) -> dict:
     models, x, x_limit = _build(case, device)
     for m in models.values():
         m.train(case.backward)
-    fns = {name: _step(m, x_limit if name == "limit" else x, case.backward) for name, m in models.items()}
+    inputs = {"limit": x_limit, **{name: x[None] for name in models if name.startswith("hf_")}}  # HF: [1, T, D]
+    fns = {name: _step(m, inputs.get(name, x), case.backward) for name, m in models.items()}
     timings = time_interleaved(fns, repeats=repeats, warmup=2, device=device, budget_s=20.0)
     t = {name: r["median_s"] for name, r in timings.items()}
     row = {"case": asdict(case), "name": case.name, "median_s": t,
            "samples": {n: r["samples"] for n, r in timings.items()},
            "times_s": {n: r["times_s"] for n, r in timings.items()},
            "efficiency": t["limit"] / t["moekit"],
-           "speedup": {b: t[b] / t["moekit"] for b in case.baselines}}
+           "speedup": {b: t[b] / t["moekit"] for b in case.baselines},
+           "hf_speedup": {n: t[n] / t["moekit"] for n in t if n.startswith("hf_")}}
+    if case.roofline:
+        dtype = getattr(torch, case.dtype)
+        bandwidth, rate = roofline.read_bandwidth(dtype), roofline.matmul_rate(dtype, dim=case.dim, hidden=case.hidden)
+        row["roofline"] = {"read_bytes_per_s": bandwidth, "matmul_flop_per_s": rate,
+                           "touched_experts": roofline.touched_experts(models["moekit"], x),
+                           "seconds": roofline.roofline_seconds(models["moekit"], x, bandwidth, rate)}
+        row["roofline_ratio"] = t["moekit"] / row["roofline"]["seconds"]
     if case.compile:
         row["compile_speedup"] = t["moekit"] / t["compiled"]
     if case.memory:
@@ -134,18 +166,28 @@ def scaling(rows: list[dict]) -> dict:
 
 
 def markdown(rows: list[dict], scale: dict) -> str:
+    """One table of every ratio: efficiency against the dense limit, the memory roofline of small
+    batches, speedups over the baselines and over transformers' experts implementations."""
     names = list(BASELINES)
-    lines = ["| configuration | moekit ms | efficiency (limit/moekit) | " + " | ".join(f"x vs {b}" for b in names)
-             + " | memory vs limit | torch.compile speedup |", "|---" * (5 + len(names)) + "|"]
+    hf_names = [f"hf_{i}" for i in hf.IMPLEMENTATIONS]
+    lines = ["| configuration | moekit ms | efficiency (limit/moekit) | moekit/roofline | "
+             + " | ".join(f"x vs {b}" for b in names + hf_names) + " | memory vs limit | torch.compile speedup |",
+             "|---" * (6 + len(names) + len(hf_names)) + "|"]
     for r in rows:
         sp = [f"{r['speedup'][b]:.1f}x" if b in r["speedup"] else "" for b in names]
-        mem = r.get("memory_vs_limit")
+        sp += [f"{r['hf_speedup'][b]:.2f}x" if b in r.get("hf_speedup", {}) else "" for b in hf_names]
+        mem, roof = r.get("memory_vs_limit"), r.get("roofline_ratio")
         lines.append(f"| {r['name']} | {1e3 * r['median_s']['moekit']:.1f} | {r['efficiency']:.2f} | "
+                     f"{'' if roof is None else f'{roof:.2f}'} | "
                      + " | ".join(sp) + f" | {'' if mem is None else f'{mem:.2f}'} | "
                      + (f"{r['compile_speedup']:.2f}x |" if "compile_speedup" in r else " |"))
     if scale:
         lo, hi = scale["experts"]
         lines.append(f"\nScaling: t(E={hi}) / t(E={lo}) = {scale['ratio']:.2f}")
+    roofs = [r["roofline"] for r in rows if "roofline" in r]
+    if roofs:
+        lines.append(f"\nRoofline: read bandwidth {roofs[0]['read_bytes_per_s'] / 1e9:.1f} GB/s, dense matmul "
+                     f"{roofs[0]['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s (measured in this run).")
     return "\n".join(lines)
 
 
