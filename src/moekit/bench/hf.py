@@ -57,7 +57,7 @@ def mixtral_candidates(dim: int, hidden: int, experts: int, k: int, tokens: int,
                 > GATHER_BUDGET_BYTES:
             continue
         block = copy.deepcopy(base)
-        experts: Any = block.experts
-        experts.config._experts_implementation_internal = name  # what from_pretrained(experts_implementation=) sets
+        bank: Any = block.experts
+        bank.config._experts_implementation_internal = name  # what from_pretrained(experts_implementation=) sets
         blocks[f"hf_{name}"] = block
     return moekit.hf.from_hf(base).moe, blocks
