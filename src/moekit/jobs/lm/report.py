@@ -266,9 +266,19 @@ def _setup_lines(cfg: LMJobConfig, metrics: dict[str, Any]) -> list[str]:
     env = metrics["environment"]
     total = sum(m["train_time_s"] + m["eval_time_s"] for m in metrics["models"])
     slowest = max(metrics["models"], key=lambda m: m["train_time_s"])
+    losses = ("each scheme's router and balancing below" if cfg.balancing else
+              f"balancing losses w_importance = {cfg.w_importance:g}, w_load = {cfg.w_load:g}"
+              + (" (varied below)" if cfg.ablation else ""))
+    columns = ("- In the \"train\" columns the load is the hard count of token-slots per expert, the CV and "
+               "max/ideal averaged over the last 10% of the steps; dead experts computed no token-slot in the "
+               "last 100 steps (test: in the whole test pass)." if cfg.balancing else
+               "- Perplexities are over every validation/test token, in windows of the training length, each "
+               "starting from a zero LSTM state. CV and max/mean load are over the whole test pass in eval mode "
+               "(load = the hard count of tokens routed to each expert), except in \"train\" columns: there they "
+               "are the batch-level values the balancing losses see (smooth load estimate), averaged over the last "
+               "10% of the steps.")
     return [f"- Models: width D = {cfg.dim}, expert hidden F = {2 * cfg.dim}, k = {cfg.k}, dropout {cfg.dropout}; "
-            f"balancing losses w_importance = {cfg.w_importance:g}, w_load = {cfg.w_load:g}"
-            + (" (varied below)" if cfg.ablation else "") + ".",
+            f"{losses}.",
             f"- Training (preset `{cfg.preset}`): {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens "
             f"({cfg.steps * cfg.batch_size * cfg.seq_len:,} tokens, "
             f"{cfg.steps * cfg.batch_size * cfg.seq_len / metrics['tokens']['train']:.2f} epochs) per model; Adam, "
@@ -277,11 +287,7 @@ def _setup_lines(cfg: LMJobConfig, metrics: dict[str, Any]) -> list[str]:
             f"- Ran on {env['device']} ({env['torch_threads']} torch thread(s)), torch {env['torch']}: "
             f"{total / 60:.1f} min in all, training and evaluation (slowest model: {slowest['name']}, "
             f"{slowest['train_time_s'] / 60:.1f} min of training).",
-            "- Perplexities are over every validation/test token, in windows of the training length, each "
-            "starting from a zero LSTM state. CV and max/mean load are over the whole test pass in eval mode "
-            "(load = the hard count of tokens routed to each expert), except in \"train\" columns: there they "
-            "are the batch-level values the balancing losses see (smooth load estimate), averaged over the last "
-            "10% of the steps.",
+            columns,
             "- Ops per timestep are multiply-adds without embedding and softmax (the paper's convention); the "
             "formula (`moekit.models.lstm_lm.ops_per_timestep`) is checked against torch's FlopCounterMode in "
             "the tests.",
