@@ -85,8 +85,11 @@ def check_router_input(x_TD: torch.Tensor, mask_T: torch.Tensor | None, dim: int
         if mask_T.shape != x_TD.shape[:1]:
             raise ValueError(f"mask shape {tuple(mask_T.shape)} does not match tokens {tuple(x_TD.shape[:1])}")
     # A NaN logit makes top-k order undefined and silently poisons every expert's gradient;
-    # fail loudly instead. Skipped while tracing for torch.compile (data-dependent branch).
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(x_TD).all()):
+    # fail loudly instead. Skipped while tracing for torch.compile (data-dependent branch). A NaN
+    # or Inf anywhere makes the sum non-finite, so one reduction (in float32: a sum in a narrower
+    # type can overflow by itself) clears the usual case; only then is the input searched.
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(x_TD.sum(dtype=torch.float32))) \
+            and not bool(torch.isfinite(x_TD).all()):
         bad = (~torch.isfinite(x_TD)).nonzero()[0].tolist()
         raise ValueError(f"router input holds NaN or Inf (first at index {bad}, value {x_TD[tuple(bad)].item()})")
 
