@@ -124,7 +124,12 @@ def parallelize_on_mesh(model: nn.Module, ep_size: int | None, fsdp: bool, extra
 
 
 def _wrap_expert_bank(wrap, experts: nn.Module, dp_mesh: DeviceMesh, ep: int) -> None:
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
     unit = wrap(experts, mesh=dp_mesh)
+    # The local dispatcher enters the bank through forward_tokens, not forward: FSDP must gather
+    # the bank's parameters around that call too.
+    register_fsdp_forward_method(unit, "forward_tokens")
     if ep > 1:
         # FSDP averages over the R replicas; the sum over them / W is that mean / P (module
         # docstring). Not set_gradient_divide_factor(W): gloo lacks the PREMUL_SUM it asks for,
