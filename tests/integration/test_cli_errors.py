@@ -106,6 +106,13 @@ CASES = [
     ("ensemble", ["--data", "{nan}"], "'x_train' holds NaN or Inf"),
     ("ensemble", ["--data", "{float labels}"], "'y_train' must be a 1-D integer array"),
     ("ensemble", ["--data", "{no y_test}"], "lacks the array(s) 'y_test'"),
+    ("ensemble", ["--ensemble-size", "1"], "--ensemble-size 1: an ensemble needs M >= 2 members"),
+    ("ensemble", ["--ensemble-size", "0"], "--ensemble-size: must be an integer >= 1, got '0'"),
+    ("ensemble", ["--ensemble-size", "3"], "num_experts=8 is not divisible by ensemble_size=3"),
+    ("ensemble", ["--ensemble-size", "8", "--k", "2"], "k=2 exceeds"),
+    ("ensemble", ["--layout", "first"], "--layout: invalid choice: 'first'"),
+    ("ensemble", ["--last-n", "9"], "last_n=9 must be in [1, 4] for depth=8"),
+    ("ensemble", ["--last-n", "0"], "--last-n: must be an integer >= 1, got '0'"),
     # patterns
     ("patterns", ["--patterns", "1000"], "--patterns 1000 needs 1000 pattern tokens"),
     ("patterns", ["--patterns", "1"], "--patterns 1: K must be >= 2"),
