@@ -122,6 +122,12 @@ CASES = [
     ("patterns", ["--beam", "0"], "--beam: must be an integer >= 1"),
     ("patterns", ["--data", "{bad_jsonl}"], "bad.jsonl:1: 'targets' must be a non-empty list"),
     ("patterns", ["--data", "{npz}"], "cannot read pair data"),
+    ("patterns", ["--capacity-factor", "0.5"], "--capacity-factor: must be a finite number >= 1 or 'none', got '0.5'"),
+    ("patterns", ["--capacity-factor", "nan"], "--capacity-factor: must be a finite number >= 1 or 'none'"),
+    ("patterns", ["--capacity-factor", "x"], "--capacity-factor: invalid capacity_or_none value: 'x'"),
+    ("patterns", ["--gate-weight", "-1"], "--gate-weight: must be a finite number >= 0, got '-1'"),
+    ("patterns", ["--pretrain-steps", "-1"], "--pretrain-steps: must be an integer >= 0, got '-1'"),
+    ("patterns", ["--head", "wide"], "--head: invalid choice: 'wide'"),
     # upcycle
     ("upcycle", ["--lr", "-1"], "--lr: must be a finite number > 0, got '-1'"),
     ("upcycle", ["--noise", "nan"], "--noise: must be a finite number >= 0, got 'nan'"),
