@@ -92,3 +92,39 @@ def test_bad_options_name_the_value(tiny_npz, tmp_path, capsys):
     assert cli.main(_args(tiny_npz, tmp_path / "b", "--models", "dense")) == 0
     assert cli.main(_args(tiny_npz, tmp_path / "b", "--models", "dense", "--k", "2")) == 2
     assert "different configuration" in capsys.readouterr().err
+
+
+def test_fewshot_probes_recompute_from_the_saved_features(tmp_path):
+    from moekit.metrics.fewshot import fewshot_report
+
+    # A larger tiny set, so that the pool half holds 1 and 2 shots per class.
+    rng = np.random.default_rng(1)
+    y_train, y_test = rng.integers(0, 3, 64), np.repeat(np.arange(3), 12)
+    x_train, x_test = (rng.integers(0, 60, (len(y), 8, 8)).astype(np.uint8) for y in (y_train, y_test))
+    for x, y in ((x_train, y_train), (x_test, y_test)):
+        for c in range(3):
+            x[y == c, 2 * c:2 * c + 3] += 150
+    npz = tmp_path / "set.npz"
+    np.savez(npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    out = tmp_path / "run"
+    argv = ["ensemble", "--data", str(npz), "--steps", "3", "--models", "vmoe,e3,deep-ensemble,soft-moe,vmoe-ec",
+            "--ensemble-size", "4", "--layout", "every_2", "--k", "2", "--out", str(out), "--quiet"]
+    assert cli.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["ensemble_size"] == 4 and config["layout"] == "every_2"
+    for name, members in (("vmoe", 1), ("e3", 4), ("deep-ensemble", 4), ("soft-moe", 1), ("vmoe-ec", 1)):
+        with np.load(out / f"features_{name}.npz") as f:
+            feats, labels = f["test"], f["test_labels"]
+            assert "ood" not in f.files  # an .npz's x_ood has no labels (and this one has no x_ood)
+        assert feats.shape == (36, members, 64) and feats.dtype == np.float16
+        again = fewshot_report(feats.astype(np.float64).reshape(36, -1), labels, (1, 5, 10), 5, num_classes=3)
+        assert metrics["models"][name]["fewshot"]["test"] == again, name
+        assert again["1"] is not None and again["10"] is None  # 6 per class in the pool: 10 shots do not fit
+    # E^3's 4 members each hold 2 of the 8 experts in all 4 odd blocks; its members tile from block 1.
+    models = metrics["models"]
+    assert models["e3"]["params"] == models["vmoe"]["params"] == models["vmoe-ec"]["params"]
+    assert models["e3"]["gflops_per_example"] > 3 * models["vmoe"]["gflops_per_example"]
+    report = (out / "report.md").read_text()
+    assert "every odd block" in report and "--ensemble-size 4 --layout every_2" in report
+    assert "| soft-moe | " in report and "Few-shot linear probes" in report

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from moekit import cli
 from moekit.data.pairs import synthetic_examples, write_jsonl
@@ -101,3 +102,57 @@ def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(tmp_path, d
     for model in MODELS.split(","):
         assert a[model]["train"]["nll_history"] == b[model]["train"]["nll_history"], model
         assert (ref / f"outputs_{model}.jsonl").read_text() == (out / f"outputs_{model}.jsonl").read_text()
+
+
+def test_pretraining_runs_first_and_every_network_starts_from_its_backbone(tmp_path, data, monkeypatch):
+    built = []
+    real_build = patterns_job.build_network
+
+    def spy(name, cfg, vocab, device=None, backbone_state=None):
+        built.append((name, backbone_state))
+        return real_build(name, cfg, vocab, device, backbone_state)
+
+    monkeypatch.setattr(patterns_job, "build_network", spy)
+    out = tmp_path / "run"
+    assert _run(out, data, "--models", "spmoe,hmoe", "--pretrain-steps", "6", "--head", "mlp",
+                "--capacity-factor", "none", "--gate-weight", "0.5") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["run"]["pretrain"]["steps"] == 6 and metrics["run"]["pretrain"]["texts"] > 0
+    cfg = metrics["run"]["config"]
+    assert cfg["pretrain_steps"] == 6 and cfg["spmoe"]["head"] == "mlp"
+    assert cfg["spmoe"]["capacity_factor"] is None and cfg["spmoe"]["gate_weight"] == 0.5
+    assert [name for name, _ in built] == ["pretrain", "spmoe", "hmoe"]
+    assert built[0][1] is None
+    # SPMoE and hMoEup start from the same pre-trained backbone, the pre-training run's own weights.
+    session = torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)
+    pretrained = patterns_job.pretrained_backbone(type("S", (), {"finished": session["finished"]})())
+    for _, state in built[1:]:
+        assert state is not None and state.keys() == pretrained.keys()
+        assert all(torch.equal(state[k], pretrained[k]) for k in state)
+    assert "pre-trained for 6 steps" in (out / "report.md").read_text()
+
+
+def test_denoising_batches_depend_only_on_seed_and_step(tmp_path):
+    from moekit.data.pairs import pair_vocab
+    from moekit.jobs.patterns.config import MASK_TOKEN, make_config, special_tokens
+
+    cfg = make_config(["spmoe"], 2, "tiny", "synthetic", 0, 2, pretrain_steps=5)
+    examples = synthetic_examples(30, 2, seed=0)
+    vocab = pair_vocab(examples, 400, extra=special_tokens(cfg))
+    assert MASK_TOKEN in special_tokens(cfg) and MASK_TOKEN not in special_tokens(make_config(
+        ["spmoe"], 2, "tiny", "synthetic", 0, 2))
+    texts = patterns_job.pretraining_texts(examples, vocab, cfg.sizes.max_len)
+    a, b = (patterns_job.denoising_batch(texts, 3, cfg, vocab) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    c = patterns_job.denoising_batch(texts, 4, cfg, vocab)
+    assert not torch.equal(a.src, c.src)
+    mask = vocab.id(MASK_TOKEN)
+    assert (a.src == mask).any(dim=1).float().mean() > 0.5  # most texts are noised
+    for r in range(len(a.src)):
+        # The target is the clean text (tgt_in without its start token, tgt_out without its end), and
+        # the noised source keeps the rest of it in order.
+        tgt = a.tgt_in[r, 1:][a.tgt_in[r, 1:] != vocab.pad_id].tolist()
+        assert a.tgt_out[r][a.tgt_out[r] != vocab.pad_id].tolist() == [*tgt, vocab.eos_id]
+        kept = [t for t in a.src[r].tolist() if t not in (mask, vocab.pad_id, vocab.eos_id)]
+        it = iter(tgt)
+        assert all(any(t == x for x in it) for t in kept)

@@ -8,11 +8,16 @@ the stack) train stably without a learning-rate warm-up at this small scale. Seq
 right-padded with ``pad_id``; masks are True on real tokens. Positions are sinusoidal, so a real
 token's encoding does not depend on how much padding follows it: a batch decodes exactly as each
 of its sources would alone. The decoding searches live in ``moekit.models.decoding``.
+
+``text_infilling`` is BART's denoising noise (Lewis et al. 2020), for pre-training a backbone to
+reconstruct text from a corrupted copy before it is fine-tuned, as SPMoE adapts pre-trained BART.
 """
 
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -22,7 +27,7 @@ from torch import nn
 
 from moekit.models.decoding import beam_search, greedy_decode, sample_decode
 
-__all__ = ["Seq2Seq", "Seq2SeqConfig", "beam_search", "greedy_decode", "sample_decode"]
+__all__ = ["Seq2Seq", "Seq2SeqConfig", "beam_search", "greedy_decode", "sample_decode", "text_infilling"]
 
 
 @dataclass
@@ -276,3 +281,51 @@ def sequence_nll(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, pad_id: int
     """[B] summed negative log-likelihood of each target sequence; padding positions count 0."""
     nll_BT = F.cross_entropy(logits_BTV.float().transpose(1, 2), targets_BT, reduction="none")
     return (nll_BT * (targets_BT != pad_id)).sum(1)
+
+
+def _poisson(rng: random.Random, lam: float) -> int:
+    """A Poisson(lam) draw by counting uniform products (Knuth): exact, and quick for small lam."""
+    limit, k, prod = math.exp(-lam), 0, rng.random()
+    while prod > limit:
+        k += 1
+        prod *= rng.random()
+    return k
+
+
+def text_infilling(ids: Sequence[int], mask_id: int, rng: random.Random, ratio: float = 0.3,
+                   mean_span: float = 3.0) -> list[int]:
+    """BART's text infilling: spans of Poisson(``mean_span``) lengths, ``round(ratio * len(ids))`` tokens
+    in all, are each replaced by a single ``mask_id``; a span of length 0 inserts a mask.
+
+    The model must thus say how many tokens a mask stands for, as well as which. Spans do not
+    overlap; a span that finds no room among the others is dropped (short texts mask a little
+    less). The tokens left keep their order. Deterministic given ``rng``'s state.
+    """
+    if not 0.0 <= ratio <= 1.0 or mean_span <= 0:
+        raise ValueError(f"ratio={ratio} must be in [0, 1] and mean_span={mean_span} > 0")
+    n = len(ids)
+    budget = round(ratio * n)
+    lengths: list[int] = []
+    while sum(lengths) < budget:
+        lengths.append(min(_poisson(rng, mean_span), budget - sum(lengths)))
+    covered = [False] * n
+    starts: dict[int, int] = {}  # span start -> its length (0: a mask inserted before this position)
+    for length in lengths:
+        if length:
+            free = [i for i in range(n + 1 - length)
+                    if all(not covered[j] and j not in starts for j in range(i, i + length))]
+        else:
+            free = [i for i in range(n + 1) if i not in starts and (i == n or not covered[i])]
+        if not free:
+            continue
+        start = rng.choice(free)
+        starts[start] = length
+        for i in range(start, start + length):
+            covered[i] = True
+    out: list[int] = []
+    for i in range(n + 1):
+        if i in starts:
+            out.append(mask_id)
+        if i < n and not covered[i]:
+            out.append(ids[i])
+    return out

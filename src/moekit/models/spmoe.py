@@ -38,7 +38,7 @@ from moekit.models.decoding import best_decode
 from moekit.models.seq2seq import Seq2Seq, sequence_nll
 from moekit.routing.losses import cv_squared, prob_in_top_k
 
-HEAD_KINDS = ("adapter", "full")
+HEAD_KINDS = ("adapter", "full", "mlp")
 
 
 @dataclass
@@ -49,7 +49,11 @@ class SPMoEConfig:
     """K, the number of pattern heads (= outputs per input)."""
     head: str = "adapter"
     """"adapter": a D x D linear layer per pattern before the shared output projection;
-    "full": a D x V output layer per pattern."""
+    "full": a D x V output layer per pattern; "mlp": a residual bottleneck adapter per pattern
+    (``h + W2 gelu(W1 h + b1) + b2``, hidden size ``adapter_hidden``) before the shared projection,
+    the pattern head with more capacity than one linear layer."""
+    adapter_hidden: int | None = None
+    """With head "mlp": the adapter's hidden size (None: 2 D)."""
     w_importance: float = 1.0
     """Weight of CV^2 of the gate's importance. Larger than Shazeer's 0.1: here the gate's only job
     is to keep the assignment balanced while the heads are alike."""
@@ -83,6 +87,9 @@ class SPMoEConfig:
             raise ValueError(f"patterns={self.patterns!r} must be a positive int")
         if self.head not in HEAD_KINDS:
             raise ValueError(f"head={self.head!r} is not one of {HEAD_KINDS}")
+        if self.adapter_hidden is not None and (isinstance(self.adapter_hidden, bool)
+                                                or not isinstance(self.adapter_hidden, int) or self.adapter_hidden < 1):
+            raise ValueError(f"adapter_hidden={self.adapter_hidden!r} must be a positive int (or None)")
         if self.capacity_factor is not None and self.capacity_factor < 1.0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be >= 1 (or None): "
                              "below 1 some pairs would find no pattern")
@@ -92,13 +99,14 @@ class SPMoEConfig:
 
 
 class PatternHeads(nn.Module):
-    """K linear pattern heads on the shared decoder states.
+    """K pattern heads on the shared decoder states.
 
-    ``adapter``: logits = project(h @ W_k + b_k), W_k [D, D]; ``full``: logits = h @ W_k + b_k, W_k [D, V].
+    ``adapter``: logits = project(h @ W_k + b_k), W_k [D, D]; ``full``: logits = h @ W_k + b_k, W_k [D, V];
+    ``mlp``: logits = project(h + gelu(h @ W1_k + b1_k) @ W2_k + b2_k), W1_k [D, F], W2_k [F, D].
     """
 
     def __init__(self, backbone: Seq2Seq, patterns: int, kind: str = "adapter", adapter_init_std: float = 0.1,
-                 device=None, dtype=None):
+                 adapter_hidden: int | None = None, device=None, dtype=None):
         super().__init__()
         if kind not in HEAD_KINDS:
             raise ValueError(f"head kind {kind!r} is not one of {HEAD_KINDS}")
@@ -106,6 +114,9 @@ class PatternHeads(nn.Module):
         D, V, K = backbone.cfg.dim, backbone.cfg.vocab_size, patterns
         self.kind, self.patterns = kind, K
         self._project = backbone.project  # shared; its parameters belong to the backbone
+        if kind == "mlp":
+            self._init_mlp(D, adapter_hidden or 2 * D, K, adapter_init_std, kw)
+            return
         out = D if kind == "adapter" else V
         self.weight_KDO = nn.Parameter(torch.empty(K, D, out, **kw))
         self.bias_KO = nn.Parameter(torch.zeros(K, out, **kw))
@@ -119,8 +130,20 @@ class PatternHeads(nn.Module):
             scale = adapter_init_std * (1.0 if kind == "adapter" else float(base_DO.std()) * D**0.5)
             self.weight_KDO.copy_(base_DO + scale * torch.randn(K, D, out, **kw))
 
+    def _init_mlp(self, D: int, F: int, K: int, init_std: float, kw: dict) -> None:
+        # The first layer is a standard fan-in initialisation; the second is small, so every head
+        # starts as the shared output path plus a residual perturbation whose size grows with
+        # init_std (the heads alike, but not tied, as for the linear adapter).
+        self.w1_KDF = nn.Parameter(torch.randn(K, D, F, **kw) * D**-0.5)
+        self.b1_KF = nn.Parameter(torch.zeros(K, F, **kw))
+        self.w2_KFD = nn.Parameter(torch.randn(K, F, D, **kw) * (init_std * F**-0.5))
+        self.b2_KD = nn.Parameter(torch.zeros(K, D, **kw))
+
     def logits(self, h_NTD: torch.Tensor, k: int) -> torch.Tensor:
         """Pattern k's logits [N, T, V] (or [N, V] for h [N, D])."""
+        if self.kind == "mlp":
+            hidden = F.gelu(h_NTD @ self.w1_KDF[k] + self.b1_KF[k])
+            return self._project(h_NTD + hidden @ self.w2_KFD[k] + self.b2_KD[k])
         y = h_NTD @ self.weight_KDO[k] + self.bias_KO[k]
         return self._project(y) if self.kind == "adapter" else y
 
@@ -250,7 +273,7 @@ class SPMoE(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.cfg, self.backbone = cfg, backbone
         D = backbone.cfg.dim
-        self.heads = PatternHeads(backbone, cfg.patterns, cfg.head, cfg.adapter_init_std, **kw)
+        self.heads = PatternHeads(backbone, cfg.patterns, cfg.head, cfg.adapter_init_std, cfg.adapter_hidden, **kw)
         self.gate = PairGate(D, cfg.patterns, cfg.noise_epsilon, **kw) if cfg.use_gate else None
         self.prior = SourcePrior(D, cfg.patterns, **kw) if cfg.learned_prior else None
 

@@ -3,6 +3,11 @@
 Legend: B images, M ensemble members, R = B*M rows after tiling, S tokens per image (patches, plus
 the class token), D model dim, F MLP hidden dim, E experts, K experts per token, C classes.
 
+The V-MoE routes tokens to experts (top-K of a softmax, ``router="vmoe"``) or lets the experts
+choose their tokens (``router="expert_choice"``, Zhou et al. 2022): each expert takes the
+``ceil(K*T/E)`` tokens of the batch it scores highest. Expert choice is not causal, which an image
+classifier can afford, but a prediction then depends on the other images of its batch.
+
 Placement follows V-MoE: "every_2" turns the MLP of every odd block (1, 3, 5, ...; 0-based) into an
 MoE, "last_n" only the last n of those. With ``ensemble_size`` M the activations are tiled into M
 members right before the first MoE block, which routes each member within its own E/M experts;
@@ -31,6 +36,7 @@ from moekit.types import RoutingStats
 
 POOLS = ("cls", "mean")
 LAYOUTS = ("every_2", "last_n")
+ROUTERS = ("vmoe", "expert_choice")
 
 
 @dataclass(frozen=True)
@@ -80,10 +86,19 @@ class VMoEConfig:
     capacity and the routing losses then do not apply."""
     slots_per_expert: int = 1
     """With ``soft``: P, the slots each expert computes per image (1 in the paper's largest models)."""
+    router: str = "vmoe"
+    """"vmoe": tokens choose their top-K experts; "expert_choice": each expert takes its ceil(K*T/E)
+    best tokens of the batch (K is then the mean number of experts per token). Expert choice balances
+    the load by construction: it has no capacity step (nothing is dropped) and no balancing loss."""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout={self.layout!r} is not one of {LAYOUTS}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router={self.router!r} is not one of {ROUTERS}")
+        if self.router != "vmoe" and (self.soft or self.ensemble_size is not None):
+            raise ValueError(f"router={self.router!r} with soft={self.soft}, ensemble_size={self.ensemble_size}: "
+                             "Soft MoE has no router, and E^3 partitions V-MoE's top-K router")
         if self.soft and self.ensemble_size is not None:
             raise ValueError(f"soft=True with ensemble_size={self.ensemble_size}: E^3 partitions a sparse router")
         if isinstance(self.slots_per_expert, bool) or not isinstance(self.slots_per_expert, int) \
@@ -148,6 +163,11 @@ class Block(nn.Module):
         if moe.soft:  # Soft MoE mixes the tokens of each image: it takes [R, S, D] as it is
             self.mlp = SoftMoE(vit.dim, moe.num_experts, moe.slots_per_expert, vit.mlp_dim, activation="gelu", **kw)
             return
+        if moe.router == "expert_choice":
+            # Every expert computes exactly ceil(K*T/E) tokens: no capacity drops, no balancing loss.
+            self.mlp = MoE(vit.dim, moe.num_experts, moe.k, vit.mlp_dim, router="expert_choice",
+                           w_importance=0.0, w_load=0.0, activation="gelu", **kw)
+            return
         common = {"w_importance": moe.w_importance, "w_load": moe.w_load, **kw}
         if moe.ensemble_size is None:
             router: str | nn.Module = "vmoe"
@@ -198,6 +218,12 @@ class ViTMoE(nn.Module):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, images: torch.Tensor) -> ViTOutput:
+        pooled_RD, aux, stats = self.forward_features(images)
+        return ViTOutput(self.head(pooled_RD), aux, stats)
+
+    def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[RoutingStats]]:
+        """The pre-logits ``[B*M, D]`` (the pooled, normalised representation the head reads; row
+        ``b*M + m`` is member m on image b), the routers' ``aux_loss`` and the ``stats`` of each MoE block."""
         expected = (self.vit.channels, *self.vit.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must have shape [B, {', '.join(map(str, expected))}], got {tuple(images.shape)}")
@@ -217,7 +243,7 @@ class ViTMoE(nn.Module):
                 stats.append(block_stats)
         x = self.norm(x)
         pooled_RD = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
-        return ViTOutput(self.head(pooled_RD), aux, stats)
+        return pooled_RD, aux, stats
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ViTOutput]:
         """Training loss: mean of the members' cross-entropies plus the routers' balancing losses."""
@@ -233,3 +259,11 @@ class ViTMoE(nn.Module):
     def member_probs(self, images: torch.Tensor) -> torch.Tensor:
         """[B, M, C] each member's softmax probabilities (no gradient)."""
         return member_logits(self(images).logits, self.ensemble_size).float().softmax(dim=-1)
+
+    @torch.no_grad()
+    def member_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's softmax probabilities [B, M, C] and pre-logit features [B, M, D], from one
+        forward pass (no gradient). E^3's few-shot probes read the members' features side by side."""
+        pooled_RD, _, _ = self.forward_features(images)
+        probs_BMC = member_logits(self.head(pooled_RD), self.ensemble_size).float().softmax(dim=-1)
+        return probs_BMC, member_logits(pooled_RD, self.ensemble_size).float()

@@ -193,3 +193,62 @@ def test_untied_projection_and_dtype():
     assert m64.embed.weight.dtype == torch.float64
     out = m64(torch.tensor([[4, 3]]), torch.tensor([[BOS, 5]]))
     assert out.shape == (1, 2, 9) and out.dtype == torch.float64
+
+
+# BART's text infilling, the noise of denoising pre-training.
+def _kept_in_order(noised, ids, mask):
+    it = iter(ids)
+    return all(any(t == x for x in it) for t in noised if t != mask)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_text_infilling_masks_spans_of_the_budget_and_keeps_the_rest_in_order(seed):
+    import random
+
+    from moekit.models.seq2seq import text_infilling
+
+    ids = list(range(10, 30))  # 20 distinct tokens; mask id 0
+    noised = text_infilling(ids, 0, random.Random(seed), ratio=0.3, mean_span=3.0)
+    kept = [t for t in noised if t != 0]
+    assert _kept_in_order(noised, ids, 0) and len(set(kept)) == len(kept)
+    # 20 tokens * 0.3 = 6 removed (a span that finds no room can only make it fewer), each span
+    # one mask: at least one mask, and never more masks than spans could be.
+    assert 14 <= len(kept) <= 20 and 20 - len(kept) <= 6
+    assert noised.count(0) >= 1
+    # Every removed run of tokens sits where a mask is.
+    i = 0
+    for t in noised:
+        if t == 0:
+            continue
+        gap = ids.index(t) - i
+        if gap:
+            assert 0 in noised[: noised.index(t)], (noised, t)
+        i = ids.index(t) + 1
+
+
+def test_text_infilling_by_hand_and_its_edges():
+    import random
+
+    from moekit.models.seq2seq import text_infilling
+
+    assert text_infilling([5, 6, 7], 0, random.Random(0), ratio=0.0) == [5, 6, 7]
+    # ratio 1 on two tokens: spans covering both, each span one mask, nothing kept.
+    out = text_infilling([5, 6], 0, random.Random(1), ratio=1.0)
+    assert set(out) <= {0} and 1 <= len(out) <= 3
+    assert text_infilling([], 0, random.Random(0)) == []
+    a = text_infilling(list(range(1, 40)), 0, random.Random(7))
+    assert a == text_infilling(list(range(1, 40)), 0, random.Random(7))  # deterministic given the rng
+    with pytest.raises(ValueError, match="ratio=1.5"):
+        text_infilling([1, 2], 0, random.Random(0), ratio=1.5)
+
+
+def test_poisson_draws_have_the_right_mean():
+    import random
+
+    from moekit.models.seq2seq import _poisson
+
+    rng = random.Random(0)
+    draws = [_poisson(rng, 3.0) for _ in range(4000)]
+    # Mean 3 and variance 3: the sample mean of 4000 draws is within 4 standard errors (0.11).
+    assert abs(sum(draws) / len(draws) - 3.0) < 0.11
+    assert min(draws) == 0

@@ -29,9 +29,11 @@ def test_config_errors_name_the_value():
         SPMoEConfig(patterns=0)
     with pytest.raises(ValueError, match="head='wide'"):
         SPMoEConfig(head="wide")
+    with pytest.raises(ValueError, match="adapter_hidden=0"):
+        SPMoEConfig(head="mlp", adapter_hidden=0)
 
 
-@pytest.mark.parametrize("head", ["adapter", "full"])
+@pytest.mark.parametrize("head", ["adapter", "full", "mlp"])
 def test_heads_route_each_row_through_its_own_pattern(head):
     model, _, batch = _setup(head=head)
     bb = model.backbone
@@ -161,3 +163,41 @@ def test_capacity_keeps_a_skewed_batch_balanced():
     assert torch.bincount(a, minlength=K).tolist() == [4, 4, 4]
     with pytest.raises(ValueError, match="capacity_factor=0.5"):
         SPMoEConfig(capacity_factor=0.5)
+
+
+def test_mlp_heads_are_residual_adapters_before_the_shared_projection():
+    torch.manual_seed(0)
+    ex = synthetic_examples(12, K, seed=0)
+    vocab = pair_vocab(ex, 64)
+    bb = Seq2Seq(Seq2SeqConfig(len(vocab), dim=16, heads=2, encoder_layers=1, decoder_layers=1, ffn_dim=32))
+    model = SPMoE(bb, SPMoEConfig(patterns=K, head="mlp", adapter_hidden=24))
+    heads = model.heads
+    assert heads.w1_KDF.shape == (K, 16, 24) and heads.w2_KFD.shape == (K, 24, 16)
+    assert not hasattr(heads, "weight_KDO")
+    h = torch.randn(5, 7, 16)
+    for k in range(K):
+        by_hand = bb.project(h + torch.nn.functional.gelu(h @ heads.w1_KDF[k] + heads.b1_KF[k]) @ heads.w2_KFD[k]
+                             + heads.b2_KD[k])
+        torch.testing.assert_close(heads.logits(h, k), by_hand)
+    # Alike at the start (the shared path plus a small residual), but not tied.
+    shared = bb.project(h).detach()
+    diffs = [(heads.logits(h, k) - shared).detach() for k in range(K)]
+    assert all(0 < float(d.norm()) < 0.5 * float(shared.norm()) for d in diffs)
+    assert float((diffs[0] - diffs[1]).norm()) > 0
+    # The backbone's projection is shared, not copied: the heads own only their adapters.
+    own = {name for name, _ in heads.named_parameters()}
+    assert own == {"w1_KDF", "b1_KF", "w2_KFD", "b2_KD"}
+
+
+def test_the_adapter_and_full_heads_are_unchanged_by_the_mlp_option():
+    # The same seed builds the same adapter weights as before the "mlp" kind existed: the linear
+    # heads draw their noise first and nothing else.
+    torch.manual_seed(3)
+    ex = synthetic_examples(12, K, seed=0)
+    vocab = pair_vocab(ex, 64)
+    bb = Seq2Seq(Seq2SeqConfig(len(vocab), dim=16, heads=2, encoder_layers=1, decoder_layers=1, ffn_dim=32))
+    state = torch.random.get_rng_state()
+    heads = PatternHeads(bb, K, "adapter", 0.1)
+    torch.random.set_rng_state(state)
+    expected = torch.eye(16) + 0.1 * torch.randn(K, 16, 16)
+    torch.testing.assert_close(heads.weight_KDO.detach(), expected, rtol=0, atol=0)

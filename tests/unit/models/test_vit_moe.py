@@ -104,3 +104,56 @@ def test_meta_device_and_dtype():
     model = ViTMoE(SOFT_VIT, VMoEConfig(soft=True), device="meta", dtype=torch.float64)
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert {p.dtype for p in model.parameters()} == {torch.float64}
+
+
+# Pre-logit features, for the few-shot probes.
+@pytest.mark.parametrize("moe", [None, VMoEConfig(num_experts=4, k=1), VMoEConfig(num_experts=4, ensemble_size=2)])
+def test_member_outputs_are_the_pre_logits_the_head_reads(moe):
+    torch.manual_seed(0)
+    model = ViTMoE(VIT, moe).eval()
+    images = torch.randn(3, 2, 8, 12)
+    probs_BMC, feats_BMD = model.member_outputs(images)
+    M = model.ensemble_size
+    assert probs_BMC.shape == (3, M, 5) and feats_BMD.shape == (3, M, 16)
+    torch.testing.assert_close(probs_BMC, model.member_probs(images))
+    # The head applied to member m's features of image b gives row b*M + m of the logits.
+    logits = model(images).logits
+    torch.testing.assert_close(model.head(feats_BMD).flatten(0, 1), logits)
+    # The features are the final LayerNorm's output at the class token (no affine change yet): zero
+    # mean and unit variance over D, up to the norm's epsilon.
+    torch.testing.assert_close(feats_BMD.mean(-1), torch.zeros(3, M), atol=1e-5, rtol=0)
+
+
+def test_forward_is_unchanged_by_the_features_split():
+    # forward = head(forward_features): the same numbers as computing the pooled state by hand.
+    torch.manual_seed(0)
+    model = ViTMoE(VIT, VMoEConfig(num_experts=4, ensemble_size=2)).eval()
+    images = torch.randn(2, 2, 8, 12)
+    pooled, aux, stats = model.forward_features(images)
+    out = model(images)
+    assert torch.equal(out.logits, model.head(pooled)) and torch.equal(out.aux_loss, aux)
+    assert len(stats) == len(out.stats) == 2
+
+
+# Expert-choice routing as a V-MoE variant.
+def test_expert_choice_blocks_route_every_expert_the_same_number_of_tokens():
+    torch.manual_seed(0)
+    model = ViTMoE(VIT, VMoEConfig(num_experts=4, k=1, router="expert_choice", layout="every_2")).train()
+    assert [b.mlp.router.__class__.__name__ for b in model.blocks if b.is_moe] == ["ExpertChoiceRouter"] * 3
+    images, labels = torch.randn(3, 2, 8, 12), torch.tensor([0, 4, 2])
+    loss, out = model.loss(images, labels)
+    # 3 images x 7 tokens (6 patches + class token) = 21 tokens; each of 4 experts takes ceil(1*21/4) = 6.
+    assert [s.counts.tolist() for s in out.stats] == [[6, 6, 6, 6]] * 3
+    assert all(s.dropped == 0 for s in out.stats)
+    assert out.aux_loss.item() == 0  # balanced by construction: no balancing loss
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_expert_choice_config_errors_name_the_value():
+    with pytest.raises(ValueError, match="router='switch' is not one of"):
+        VMoEConfig(router="switch")
+    with pytest.raises(ValueError, match="router='expert_choice' with soft=False, ensemble_size=2"):
+        VMoEConfig(router="expert_choice", ensemble_size=2)
+    with pytest.raises(ValueError, match="router='expert_choice' with soft=True"):
+        VMoEConfig(router="expert_choice", soft=True)

@@ -1,6 +1,6 @@
 """``moekit ensemble``: dense ViT vs V-MoE vs E^3 vs a deep ensemble of V-MoEs, with uncertainty metrics.
 
-Legend: N examples, C classes, M ensemble members, E experts, K experts per token.
+Legend: N examples, C classes, M ensemble members, D pre-logit features, E experts, K experts per token.
 
 The runs each model needs (``moekit.jobs.ensemble.config``) are trained one after the other, each
 evaluated as soon as it is trained, as the runs of one session (``moekit.train.session``): its
@@ -26,7 +26,7 @@ import torch
 
 from moekit.data import DataFileError
 from moekit.data.fingerprint import data_fingerprint
-from moekit.data.images import ImageSplits, load_fashion_mnist, load_npz
+from moekit.data.images import DIGITS_OOD, ImageSplits, load_fashion_mnist, load_npz
 from moekit.data.sampling import epoch_batch
 from moekit.ensemble import init_e3_from_vmoe
 from moekit.jobs.ensemble import report
@@ -53,13 +53,15 @@ CLIP = 1.0  # gradient-norm clipping of every run
 
 
 def build_model(cfg: EnsembleConfig, kind: str, data: ImageSplits, device) -> ViTMoE:
+    """A fresh model of one run's ``kind``: "dense", "vmoe", "e3", "soft" (Soft MoE) or "vmoe-ec"."""
     channels, height, width = data.image_shape
     patch = max(p for p in range(1, cfg.patch_size + 1) if height % p == 0 and width % p == 0)
     vit = ViTConfig((height, width), patch, channels, data.num_classes, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_dim)
     if kind == "dense":
         return ViTMoE(vit, None, device=device)
-    moe = VMoEConfig(num_experts=cfg.num_experts, k=cfg.k, layout="last_n", last_n=2,
-                     capacity_factor=cfg.capacity_factor, ensemble_size=cfg.ensemble_size if kind == "e3" else None)
+    moe = VMoEConfig(num_experts=cfg.num_experts, k=cfg.k, layout=cfg.layout, last_n=cfg.last_n,
+                     capacity_factor=cfg.capacity_factor, ensemble_size=cfg.ensemble_size if kind == "e3" else None,
+                     soft=kind == "soft", router="expert_choice" if kind == "vmoe-ec" else "vmoe")
     return ViTMoE(vit, moe, device=device)
 
 
@@ -75,6 +77,8 @@ class Tensors:
     x_test: torch.Tensor
     y_test: torch.Tensor
     x_ood: torch.Tensor | None
+    y_ood: np.ndarray | None = None
+    """Labels of the OOD images when known (the digits' classes): the few-shot transfer set."""
 
 
 def load_data(cfg: EnsembleConfig) -> tuple[ImageSplits, dict[str, Any]]:
@@ -117,7 +121,19 @@ def to_tensors(data: ImageSplits, device) -> Tensors:
         return torch.from_numpy(x).float().to(device)
 
     return Tensors(prep(data.x_train, "x_train"), torch.from_numpy(data.y_train).to(device),
-                   prep(data.x_test, "x_test"), torch.from_numpy(data.y_test).to(device), prep(data.x_ood, "x_ood"))
+                   prep(data.x_test, "x_test"), torch.from_numpy(data.y_test).to(device), prep(data.x_ood, "x_ood"),
+                   ood_labels(data))
+
+
+def ood_labels(data: ImageSplits) -> np.ndarray | None:
+    """The classes of the OOD images when they are scikit-learn's digits (in load_digits' order, as
+    ``moekit.data.images.digits_ood`` keeps them), else None: an .npz's x_ood comes without labels."""
+    if data.x_ood is None or data.ood_source != DIGITS_OOD:
+        return None
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target.astype(np.int64)
+    return labels if len(labels) == len(data.x_ood) else None
 
 
 def train_run(spec: RunSpec, model: ViTMoE, tensors: Tensors, cfg: EnsembleConfig, session: Session,
@@ -144,16 +160,22 @@ def train_run(spec: RunSpec, model: ViTMoE, tensors: Tensors, cfg: EnsembleConfi
 
 @torch.no_grad()
 def predict(model: ViTMoE, x: torch.Tensor | None, batch_size: int,
-            par: SingleProcess = SINGLE_PROCESS) -> torch.Tensor | None:
-    """[N, M, C] float32 member probabilities on CPU, in eval mode (M = 1 for a single model).
+            par: SingleProcess = SINGLE_PROCESS) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """[N, M, C] float32 member probabilities and [N, M, D] float16 member pre-logits, on CPU, in eval
+    mode (M = 1 for a single model). The features are kept in half precision: they feed only the
+    few-shot probes, and a run's checkpoint carries them.
 
     Under expert parallelism each rank computes its rows of every batch and every rank gets them all.
     """
     if x is None:
-        return None
+        return None, None
     model.eval()
-    return torch.cat([par.gather(model.member_probs(par.split(x[i:i + batch_size]))).cpu()
-                      for i in range(0, len(x), batch_size)])
+    probs, feats = [], []
+    for i in range(0, len(x), batch_size):
+        p, f = model.member_outputs(par.split(x[i:i + batch_size]))
+        probs.append(par.gather(p).cpu())
+        feats.append(par.gather(f).cpu().half())
+    return torch.cat(probs), torch.cat(feats)
 
 
 def evaluate_run(spec: RunSpec, model: ViTMoE, tensors: Tensors, cfg: EnsembleConfig, trained: TrainState,
@@ -177,11 +199,12 @@ def evaluate_run(spec: RunSpec, model: ViTMoE, tensors: Tensors, cfg: EnsembleCo
             return routed_flops_per_example(local.eval(), x_flops)
 
         flops = par.main_only(count)
+    probs, feats = predict(model, tensors.x_test, cfg.eval_batch_size, par)
+    ood_probs, ood_feats = predict(model, tensors.x_ood, cfg.eval_batch_size, par)
     return {"spec": dataclasses.asdict(spec), "steps": spec.steps, "seconds": trained.elapsed_s,
             "losses": torch.tensor(trained.history.get("loss", [])), "params": params,
-            "flops_per_example": flops, "member_probs": predict(model, tensors.x_test, cfg.eval_batch_size, par),
-            "ood_member_probs": predict(model, tensors.x_ood, cfg.eval_batch_size, par),
-            "model": state}
+            "flops_per_example": flops, "member_probs": probs, "ood_member_probs": ood_probs,
+            "member_features": feats, "ood_member_features": ood_feats, "model": state}
 
 
 def run_all(cfg: EnsembleConfig, data: ImageSplits, tensors: Tensors, device: torch.device, session: Session,
@@ -215,6 +238,9 @@ def check_parallel(cfg: EnsembleConfig, par: SingleProcess) -> None:
     par.check_divisible("batch_size", cfg.batch_size)
     if any(model != "dense" for model in cfg.models):
         par.check_experts("num_experts", cfg.num_experts)
+    if par.distributed and "soft-moe" in cfg.models:
+        raise ConfigError("--models soft-moe is not offered under torchrun (--expert-parallel, --ep-size): "
+                          "Soft MoE experts are not sharded by moekit.parallel")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,7 +272,7 @@ def _run(args: argparse.Namespace, cfg: EnsembleConfig, par: SingleProcess, devi
     def prepare() -> Path | None:
         resume_from = prepare_out_dir(out, dataclasses.asdict(cfg), resume=args.resume, force=args.force)
         if resume_from is None:  # a fresh start: no output of an earlier run may survive next to the new ones
-            for pattern in ("predictions_*.npz", "reliability_*.png", "flops_vs_nll.png"):
+            for pattern in ("predictions_*.npz", "features_*.npz", "reliability_*.png", "flops_vs_nll.png"):
                 for path in out.glob(pattern):
                     path.unlink()
         return resume_from
@@ -259,7 +285,8 @@ def _run(args: argparse.Namespace, cfg: EnsembleConfig, par: SingleProcess, devi
     run_all(cfg, data, tensors, device, session, quiet, par)
     env = environment(par.describe(device))
     vit = dataclasses.asdict(build_model(cfg, "dense", data, "meta").vit)  # the patch size actually used
-    metrics = par.main_only(lambda: report.write_outputs(out, cfg, data, session.finished, env, vit))
+    metrics = par.main_only(lambda: report.write_outputs(out, cfg, data, session.finished, env, vit,
+                                                         tensors.y_ood))
     if par.is_main:
         print(report.metrics_table(metrics))
         print(f"results in {out}")

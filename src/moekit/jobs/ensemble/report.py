@@ -4,7 +4,10 @@ Legend: N test examples, O OOD examples, C classes.
 
 Every metric is computed from the arrays saved in ``predictions_<model>.npz`` (``probs`` [N, C],
 ``labels`` [N], ``ood_probs`` [O, C], and for an ensemble ``member_probs`` [N, M, C]), so anyone can
-recompute it. ``probs`` is the mean of the members' probabilities.
+recompute it. ``probs`` is the mean of the members' probabilities. The few-shot accuracies come from
+``features_<model>.npz`` (``test`` [N, M, D] float16 pre-logits with ``test_labels`` [N], and when
+the OOD images have labels ``ood`` [O, M, D] with ``ood_labels`` [O]) by
+``moekit.metrics.fewshot.fewshot_report`` on the members' features side by side, [N, M*D].
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from moekit.data.images import ImageSplits
 from moekit.jobs.ensemble.config import EnsembleConfig, model_runs
 from moekit.metrics.calibration import ECE_BINS, accuracy, brier, ece, nll, reliability_bins
 from moekit.metrics.diversity import disagreement, mean_pairwise_kl
+from moekit.metrics.fewshot import fewshot_report
 from moekit.metrics.ood import ood_auroc
 from moekit.train.checkpoint import atomic_write
 from moekit.train.outdir import METRICS_FILE, REPORT_FILE, write_json, write_text
@@ -29,11 +33,24 @@ from moekit.train.plots import save_figure
 METRIC_KEYS = ("accuracy", "nll", "ece", "brier", "ood_auroc_msp", "ood_auroc_entropy", "gflops_per_example", "params")
 DESCRIPTIONS = {
     "dense": "ViT, dense MLPs",
-    "vmoe": "V-MoE: MoE MLPs in the last 2 odd blocks",
+    "vmoe": "V-MoE: MoE MLPs in {where}",
     "e3": "E^3: the V-MoE's experts split among M members, trained from scratch",
     "deep-ensemble": "M independently trained V-MoEs, probabilities averaged",
     "e3-init": "E^3 initialised from the trained vmoe, then fine-tuned",
+    "soft-moe": "Soft MoE ViT: Soft MoE MLPs (one slot per expert and image) in {where}",
+    "vmoe-ec": "V-MoE with expert-choice routing (each expert takes its ceil(K*T/E) best tokens of the batch)",
 }
+FEWSHOT_SETS = {"test": "the test set's classes", "ood": "the OOD images' classes (transfer)"}
+
+
+def moe_blocks_in_words(cfg: EnsembleConfig) -> str:
+    if cfg.layout == "every_2":
+        return "every odd block"
+    return f"the last {cfg.last_n} odd block{'s' if cfg.last_n > 1 else ''}"
+
+
+def describe(cfg: EnsembleConfig, model: str) -> str:
+    return DESCRIPTIONS[model].format(where=moe_blocks_in_words(cfg))
 
 
 def _savez(f: Any, arrays: dict[str, Any]) -> None:
@@ -68,10 +85,39 @@ def diversity_metrics(member_probs: np.ndarray, labels: np.ndarray) -> dict[str,
             "member_kl": mean_pairwise_kl(member_probs)}
 
 
+def fewshot_metrics(features: dict[str, np.ndarray], shots: tuple[int, ...], draws: int,
+                    num_classes: dict[str, int | None]) -> dict[str, Any]:
+    """Few-shot accuracies of every labelled set in ``features`` (a features_<model>.npz's arrays):
+    ``{"test": {"1": {...}, "5": ...}, "ood": ...}``, the members' pre-logits side by side."""
+    out = {}
+    for name in FEWSHOT_SETS:
+        if name in features:
+            feats = features[name].astype(np.float64)
+            out[name] = fewshot_report(feats.reshape(len(feats), -1), features[f"{name}_labels"],
+                                       shots, draws, num_classes=num_classes[name])
+    return out
+
+
+def _features(runs: list[dict[str, Any]], data: ImageSplits, y_ood: np.ndarray | None) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    test = combine_runs(runs, "member_features") if "member_features" in runs[0] else None
+    if test is not None:
+        arrays.update(test=test, test_labels=data.y_test)
+    ood = combine_runs(runs, "ood_member_features") if "ood_member_features" in runs[0] else None
+    if ood is not None and y_ood is not None:
+        arrays.update(ood=ood, ood_labels=y_ood)
+    return arrays
+
+
 def write_outputs(out: Path, cfg: EnsembleConfig, data: ImageSplits, finished: dict[str, dict[str, Any]],
-                  env: dict[str, Any], vit: dict[str, Any]) -> dict[str, Any]:
-    """Write predictions, plots, report.md and (last, the mark of a finished run) metrics.json."""
+                  env: dict[str, Any], vit: dict[str, Any], y_ood: np.ndarray | None = None) -> dict[str, Any]:
+    """Write predictions, features, plots, report.md and (last, the mark of a finished run) metrics.json.
+
+    ``y_ood``: the OOD images' labels when known, for the few-shot transfer probes.
+    """
     models: dict[str, Any] = {}
+    classes: dict[str, int | None] = {"test": data.num_classes,
+                                      "ood": None if y_ood is None else int(y_ood.max()) + 1}
     for model in cfg.models:
         runs = [finished[spec.name] for spec in model_runs(cfg, model)]
         members, ood_members = combine_runs(runs, "member_probs"), combine_runs(runs, "ood_member_probs")
@@ -84,6 +130,9 @@ def write_outputs(out: Path, cfg: EnsembleConfig, data: ImageSplits, finished: d
         if members.shape[1] > 1:
             arrays["member_probs"] = members
         atomic_write(out / f"predictions_{model}.npz", functools.partial(_savez, arrays=arrays))
+        features = _features(runs, data, y_ood)
+        if features:
+            atomic_write(out / f"features_{model}.npz", functools.partial(_savez, arrays=features))
         models[model] = {
             # From the saved float32 arrays, so that the file reproduces these numbers exactly.
             **model_metrics(arrays["probs"], data.y_test, arrays.get("ood_probs")),
@@ -95,6 +144,8 @@ def write_outputs(out: Path, cfg: EnsembleConfig, data: ImageSplits, finished: d
             "train_steps": [r["steps"] for r in runs],
             "train_seconds": float(sum(r["seconds"] for r in runs)),
             "final_train_loss": [float(r["losses"][-20:].mean()) if len(r["losses"]) else None for r in runs],
+            # From the saved float16 features, so that the file reproduces these numbers exactly.
+            "fewshot": fewshot_metrics(features, cfg.fewshot_shots, cfg.fewshot_draws, classes),
         }
         plot_reliability(out / f"reliability_{model}.png", arrays["probs"], data.y_test, model)
     metrics = {
@@ -138,6 +189,23 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def fewshot_table(metrics: dict[str, Any], cfg: EnsembleConfig) -> str:
+    """Few-shot accuracy per model, set and shot count, as "mean ± std over draws" (n/a: set too small)."""
+    sets = [name for name in FEWSHOT_SETS if any(name in m["fewshot"] for m in metrics["models"].values())]
+    if not sets:
+        return "No few-shot probe: the runs hold no features."
+    cols = [(name, shots) for name in sets for shots in cfg.fewshot_shots]
+    head = "| model | " + " | ".join(f"{name} {shots}-shot" for name, shots in cols) + " |"
+    rows = [head, "|---|" + "---:|" * len(cols)]
+    for model, m in metrics["models"].items():
+        cells = []
+        for name, shots in cols:
+            r = m["fewshot"].get(name, {}).get(str(shots))
+            cells.append("n/a" if r is None else f"{r['accuracy']:.4f} ± {r['std']:.4f}")
+        rows.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def _comparisons(models: dict[str, Any], ratios: dict[str, float]) -> list[str]:
     lines = []
     for a, b in (("e3", "vmoe"), ("e3-init", "vmoe"), ("e3", "deep-ensemble"), ("e3-init", "deep-ensemble")):
@@ -155,7 +223,7 @@ def _comparisons(models: dict[str, Any], ratios: dict[str, float]) -> list[str]:
 
 def report(cfg: EnsembleConfig, metrics: dict[str, Any]) -> str:
     models, data, env = metrics["models"], metrics["data"], metrics["environment"]
-    described = "\n".join(f"- `{m}`: {DESCRIPTIONS[m]} (runs: {', '.join(models[m]['runs'])}; seeds "
+    described = "\n".join(f"- `{m}`: {describe(cfg, m)} (runs: {', '.join(models[m]['runs'])}; seeds "
                           f"{models[m]['seeds']}; {sum(models[m]['train_steps'])} steps, "
                           f"{models[m]['train_seconds']:.0f} s)" for m in models)
     plots = "\n".join(f"![reliability {m}](reliability_{m}.png)" for m in models)
@@ -165,7 +233,11 @@ def report(cfg: EnsembleConfig, metrics: dict[str, Any]) -> str:
     command = (f"moekit ensemble --preset {cfg.preset} --models {','.join(cfg.models)} --seed {cfg.seed} "
                f"--k {cfg.k} --steps {cfg.steps} --finetune-steps {cfg.finetune_steps}"
                + (f" --train-examples {cfg.train_examples}" if cfg.train_examples else "")
+               + (f" --ensemble-size {cfg.ensemble_size}" if cfg.ensemble_size != 2 else "")
+               + (f" --layout {cfg.layout}" if cfg.layout != "last_n" else "")
+               + (f" --last-n {cfg.last_n}" if cfg.layout == "last_n" and cfg.last_n != 2 else "")
                + (f" --data {cfg.data}" if cfg.data else ""))
+    sets = "; ".join(f"`{name}`: {what}" for name, what in FEWSHOT_SETS.items())
     return f"""# moekit ensemble: ViT vs V-MoE vs E^3 vs deep ensemble
 
 Reproduce with `{command}` (the numbers below were measured with {env["torch_threads"]} CPU thread(s)).
@@ -174,8 +246,8 @@ Data: {data["source"]}; {data["train_examples"]:,} training images, {data["test_
 {data["num_classes"]} classes, images {tuple(data["image_shape"])} (C, H, W).
 OOD set: {ood}{"" if data["ood_examples"] is None else f" ({data['ood_examples']:,} images)"}.
 
-Models (E = {cfg.num_experts} experts, K = {cfg.k}, M = {cfg.ensemble_size}, capacity factor
-{cfg.capacity_factor} rounded up to a multiple of 4, batch-prioritised routing; ViT depth {cfg.depth},
+Models (E = {cfg.num_experts} experts in {moe_blocks_in_words(cfg)}, K = {cfg.k}, M = {cfg.ensemble_size},
+capacity factor {cfg.capacity_factor} rounded up to a multiple of 4, batch-prioritised routing; ViT depth {cfg.depth},
 width {cfg.dim}, {cfg.heads} heads, MLP {cfg.mlp_dim}, patches {patch}x{patch}, class-token pooling;
 AdamW, batch {cfg.batch_size}, lr {cfg.lr} with warm-up and cosine decay):
 {described}
@@ -191,6 +263,16 @@ predictive entropy; FLOPs counted by torch's FlopCounterMode on the evaluation f
 
 {chr(10).join(_comparisons(models, metrics["flops_ratios"]))}
 
+### Few-shot linear probes
+
+{fewshot_table(metrics, cfg)}
+
+Closed-form ridge regression on the frozen pre-logits (an ensemble's members side by side), with
+{", ".join(map(str, cfg.fewshot_shots))} labelled images per class drawn from one half of each set
+and accuracy measured on the other half ({sets}); the ridge coefficient is chosen on the pool half's
+remaining images. Mean ± standard deviation over {cfg.fewshot_draws} draws of the shots; every model
+sees the same draws (`moekit.metrics.fewshot`).
+
 ![FLOPs vs NLL](flops_vs_nll.png)
 
 {plots}
@@ -198,7 +280,8 @@ predictive entropy; FLOPs counted by torch's FlopCounterMode on the evaluation f
 ## Files
 
 `predictions_<model>.npz` (probs [N, C], labels [N], ood_probs [O, C]: every number above can be
-recomputed from them), `metrics.json`, `config.json`, `checkpoints/` (the weights and predictions
+recomputed from them), `features_<model>.npz` (the members' pre-logits and labels the few-shot
+probes read), `metrics.json`, `config.json`, `checkpoints/` (the weights and predictions
 of every run). Environment: torch {env["torch"]} on {env["device"]}, {env["torch_threads"]} thread(s).
 
 ## Configuration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from moekit.data.pairs import SYNTHETIC_RULES
 from moekit.data.vocab import SEQ2SEQ_SPECIALS
 from moekit.jobs import options
-from moekit.models.spmoe import SPMoEConfig
+from moekit.models.spmoe import HEAD_KINDS, SPMoEConfig
 from moekit.train.outdir import ConfigError
 
 SYNTHETIC = "synthetic"
@@ -19,6 +20,8 @@ MODELS = ("spmoe", "beam", "sampling", "hmoe")
 # Which trained network serves each model of --models.
 NETWORK_OF = {"spmoe": "spmoe", "beam": "single", "sampling": "single", "hmoe": "hmoe"}
 NETWORK_ORDER = ("single", "spmoe", "hmoe")
+PRETRAIN = "pretrain"  # the denoising pre-training run of the shared backbone, when asked for
+MASK_TOKEN = "<mask>"  # BART's mask, in the vocabulary only when the backbone is pre-trained
 
 
 @dataclass(frozen=True)
@@ -80,14 +83,19 @@ class PatternsConfig:
     """Beam of the beam baseline (at least K wide) and of each pattern's own search (1 = greedy)."""
     spmoe: SPMoEConfig = field(default_factory=SPMoEConfig)
     sizes: Preset = field(default_factory=lambda: PRESETS["cpu-small"])
+    pretrain_steps: int = 0
+    """Steps of BART-style denoising pre-training of one backbone on the training texts (sources and
+    targets as plain English), which then initialises every network's backbone; 0: none."""
 
     def networks(self) -> list[str]:
+        """The networks to train, in order: the pre-trained backbone first when there is one."""
         wanted = {NETWORK_OF[m] for m in self.models}
-        return [n for n in NETWORK_ORDER if n in wanted]
+        return ([PRETRAIN] if self.pretrain_steps else []) + [n for n in NETWORK_ORDER if n in wanted]
 
 
 def make_config(models: Sequence[str], patterns: int, preset: str, data: str | None, seed: int, beam: int,
-                steps: int | None = None, head: str = "adapter") -> PatternsConfig:
+                steps: int | None = None, head: str = "adapter", capacity_factor: float | None = 1.25,
+                gate_weight: float = 1.0, pretrain_steps: int = 0) -> PatternsConfig:
     """Validate the job's options; ``ValueError`` names the bad one."""
     bad = [m for m in models if m not in MODELS]
     if bad or not models:
@@ -102,6 +110,13 @@ def make_config(models: Sequence[str], patterns: int, preset: str, data: str | N
     if data == SYNTHETIC and patterns > len(SYNTHETIC_RULES):
         raise ValueError(f"--patterns {patterns}: the synthetic set has {len(SYNTHETIC_RULES)} patterns "
                          f"({', '.join(SYNTHETIC_RULES)})")
+    if capacity_factor is not None and not (math.isfinite(capacity_factor) and capacity_factor >= 1.0):
+        raise ValueError(f"--capacity-factor {capacity_factor}: must be a finite number >= 1 (or none): below 1 "
+                         "some pairs of a batch would find no pattern")
+    if not (math.isfinite(gate_weight) and gate_weight >= 0):
+        raise ValueError(f"--gate-weight {gate_weight}: must be a finite number >= 0")
+    if pretrain_steps < 0:
+        raise ValueError(f"--pretrain-steps {pretrain_steps} must be >= 0")
     # hMoEup gives each pattern a token of the vocabulary; words must still fit beside them.
     if len(SEQ2SEQ_SPECIALS) + patterns >= sizes.vocab_size:
         raise ValueError(f"--patterns {patterns} needs {patterns} pattern tokens, more than the vocabulary of "
@@ -111,8 +126,14 @@ def make_config(models: Sequence[str], patterns: int, preset: str, data: str | N
         if steps < 1:
             raise ValueError(f"--steps {steps} must be >= 1")
         sizes = replace(sizes, steps=steps, warmup=min(sizes.warmup, max(1, steps // 10)))
-    spmoe = SPMoEConfig(patterns=patterns, head=head)
-    return PatternsConfig(tuple(dict.fromkeys(models)), patterns, preset, data, seed, beam, spmoe, sizes)
+    spmoe = SPMoEConfig(patterns=patterns, head=head, capacity_factor=capacity_factor, gate_weight=gate_weight)
+    return PatternsConfig(tuple(dict.fromkeys(models)), patterns, preset, data, seed, beam, spmoe, sizes,
+                          pretrain_steps)
+
+
+def special_tokens(cfg: PatternsConfig) -> list[str]:
+    """The extra vocabulary entries: hMoEup's start tokens, and the mask of denoising pre-training."""
+    return [expert_token(i) for i in range(cfg.patterns)] + ([MASK_TOKEN] if cfg.pretrain_steps else [])
 
 
 def expert_token(i: int) -> str:
@@ -130,9 +151,19 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="sizes and schedule (default: cpu-small, or synthetic with --data synthetic)")
     parser.add_argument("--beam", type=options.positive_int, default=4,
                         help="beam width of the beam baseline (at least K) and of each pattern's search (default: 4)")
-    parser.add_argument("--head", choices=("adapter", "full"), default="adapter",
-                        help="SPMoE pattern head: a D x D adapter before the shared projection, or a full "
-                             "output layer per pattern (default: adapter)")
+    parser.add_argument("--head", choices=HEAD_KINDS, default="adapter",
+                        help="SPMoE pattern head: a D x D adapter before the shared projection, a full "
+                             "output layer per pattern, or a residual MLP adapter per pattern (mlp) "
+                             "(default: adapter)")
+    parser.add_argument("--capacity-factor", type=capacity_or_none, default=1.25, metavar="C",
+                        help="SPMoE: each pattern takes at most ceil(C*B/K) pairs of a batch of B; 'none' for "
+                             "no limit (default: 1.25)")
+    parser.add_argument("--gate-weight", type=options.non_negative_float, default=1.0,
+                        help="SPMoE: nats of sequence likelihood the balanced gate's preference is worth in "
+                             "the assignment, i.e. the inverse temperature of the likelihood (default: 1)")
+    parser.add_argument("--pretrain-steps", type=options.non_negative_int, default=0,
+                        help="BART-style denoising pre-training of the shared backbone on the training texts "
+                             "for this many steps before the networks are trained from it (default: 0)")
     parser.add_argument("--threads", type=options.threads_or_zero, default=0,
                         help="CPU threads for torch (default: 0 = torch's own choice)")
     parser.add_argument("--data", metavar="FILE.jsonl", default=None,
@@ -145,6 +176,17 @@ def config_from_args(args: argparse.Namespace) -> PatternsConfig:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     data = args.data if args.data in (None, SYNTHETIC) else str(Path(args.data))
     try:
-        return make_config(models, args.patterns, preset, data, args.seed, args.beam, args.steps, args.head)
+        return make_config(models, args.patterns, preset, data, args.seed, args.beam, args.steps, args.head,
+                           args.capacity_factor, args.gate_weight, args.pretrain_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def capacity_or_none(text: str) -> float | None:
+    """``--capacity-factor``: a finite number >= 1, or "none" for no limit."""
+    if text.strip().lower() == "none":
+        return None
+    value = float(text)  # ValueError: argparse reports "invalid capacity_or_none value"
+    if not (math.isfinite(value) and value >= 1.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 1 or 'none', got {text!r}")
+    return value

@@ -7,6 +7,10 @@ Three networks are trained at most, as the runs of one session (``moekit.train.s
 trained for the same number of steps on the same batches; batch ``i`` depends only on
 ``(seed, i)``, so a resumed run ends where an uninterrupted one would.
 
+With ``--pretrain-steps`` a first run, ``pretrain``, trains one backbone to reconstruct the
+training texts (sources and targets alike, as plain English) from BART's text infilling, and every
+network starts from its weights, as SPMoE starts from a pre-trained BART.
+
 Writes into ``--out``: config.json, checkpoints/, outputs_<model>.jsonl, metrics.json (one entry
 per model), report.md and quality_vs_diversity.png.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,7 @@ from moekit.data.fingerprint import data_fingerprint
 from moekit.data.pairs import (
     EncodedPairs,
     Example,
+    PairBatch,
     decode_text,
     encode_pairs,
     encode_text,
@@ -43,18 +49,21 @@ from moekit.data.sampling import random_batch
 from moekit.data.vocab import Vocab
 from moekit.jobs.patterns import report
 from moekit.jobs.patterns.config import (
+    MASK_TOKEN,
     MODELS,
     NETWORK_OF,
+    PRETRAIN,
     SYNTHETIC,
     PatternsConfig,
     add_args,
     config_from_args,
     expert_token,
+    special_tokens,
 )
 from moekit.metrics.generation import generation_metrics, pattern_usage, refs_covered
 from moekit.metrics.purity import purity
 from moekit.models.hard_mixture import HardMixture, SingleModel
-from moekit.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from moekit.models.seq2seq import Seq2Seq, Seq2SeqConfig, text_infilling
 from moekit.models.spmoe import SPMoE
 from moekit.train.loop import LoopConfig, StepOutput, TrainState, train
 from moekit.train.outdir import METRICS_FILE, REPORT_FILE, ConfigError, prepare_out_dir, write_json, write_text
@@ -92,13 +101,18 @@ def load_examples(cfg: PatternsConfig) -> tuple[list[Example], list[Example], st
 Network = SingleModel | SPMoE | HardMixture
 
 
-def build_network(name: str, cfg: PatternsConfig, vocab: Vocab, device=None) -> Network:
-    """A freshly initialised ``single``, ``spmoe`` or ``hmoe`` network (seeded by the caller)."""
+def build_network(name: str, cfg: PatternsConfig, vocab: Vocab, device=None,
+                  backbone_state: dict[str, torch.Tensor] | None = None) -> Network:
+    """A freshly initialised ``single`` (or ``pretrain``), ``spmoe`` or ``hmoe`` network (seeded by the
+    caller), its backbone loaded from ``backbone_state`` when given (before the pattern heads are
+    built: SPMoE's heads start from the backbone's output projection)."""
     s = cfg.sizes
     backbone = Seq2Seq(Seq2SeqConfig(len(vocab), dim=s.dim, heads=s.heads, encoder_layers=s.layers,
                                      decoder_layers=s.layers, ffn_dim=s.ffn_dim, dropout=s.dropout,
                                      pad_id=vocab.pad_id), device=device)
-    if name == "single":
+    if backbone_state is not None:
+        backbone.load_state_dict(backbone_state)
+    if name in ("single", PRETRAIN):
         return SingleModel(backbone)
     if name == "spmoe":
         return SPMoE(backbone, cfg.spmoe, device=device)
@@ -107,28 +121,65 @@ def build_network(name: str, cfg: PatternsConfig, vocab: Vocab, device=None) -> 
     raise ValueError(f"unknown network {name!r}")
 
 
+def denoising_batch(texts: list[list[int]], step: int, cfg: PatternsConfig, vocab: Vocab) -> PairBatch:
+    """Batch ``step`` of the pre-training: texts noised by BART's text infilling (source) and the
+    texts themselves (target). It depends only on ``(seed, step)``, so a resumed run sees the same."""
+    index = random_batch(step, cfg.sizes.batch_size, len(texts), cfg.seed + 1)
+    src, tgt = [], []
+    for slot, i in enumerate(index):
+        rng = random.Random((cfg.seed * 1_000_003 + step) * 1_009 + slot)
+        src.append(text_infilling(texts[i], vocab.id(MASK_TOKEN), rng) + [vocab.eos_id])
+        tgt.append(texts[i])
+    return PairBatch(pad(src, vocab.pad_id), pad([[vocab.bos_id, *t] for t in tgt], vocab.pad_id),
+                     pad([[*t, vocab.eos_id] for t in tgt], vocab.pad_id), torch.full((len(tgt),), -1))
+
+
+def pretraining_texts(examples: list[Example], vocab: Vocab, max_len: int) -> list[list[int]]:
+    """Every training source and target once, as token ids (the test inputs are never among them)."""
+    texts = {t for ex in examples for t in (ex.source, *ex.targets)}
+    return [ids for ids in (encode_text(vocab, t, max_len - 1) for t in sorted(texts)) if ids]
+
+
+def pretrained_backbone(session: Session) -> dict[str, torch.Tensor] | None:
+    """The pre-trained backbone's weights, when the session holds a finished pre-training run."""
+    if PRETRAIN not in session.finished:
+        return None
+    prefix = "backbone."
+    return {k[len(prefix):]: v for k, v in session.finished[PRETRAIN]["weights"].items() if k.startswith(prefix)}
+
+
 def train_network(name: str, cfg: PatternsConfig, session: Session, pairs: EncodedPairs, vocab: Vocab,
-                  device: torch.device, quiet: bool) -> tuple[Network, TrainState]:
-    """Train (or finish training, or load the trained) network ``name``."""
-    index = cfg.networks().index(name)
-    torch.manual_seed(cfg.seed * 1000 + index)  # each network's initialisation is its own
-    net = build_network(name, cfg, vocab, device=device)
+                  device: torch.device, quiet: bool, texts: list[list[int]] | None = None
+                  ) -> tuple[Network, TrainState]:
+    """Train (or finish training, or load the trained) network ``name``; ``pretrain`` trains on ``texts``."""
+    trained = [n for n in cfg.networks() if n != PRETRAIN]
+    # Each network's initialisation is its own, and the same with or without pre-training.
+    torch.manual_seed(cfg.seed * 1000 + (trained.index(name) if name in trained else 999))
+    net = build_network(name, cfg, vocab, device=device,
+                        backbone_state=None if name == PRETRAIN else pretrained_backbone(session))
     if name in session.finished:
         net.load_state_dict(session.finished[name]["weights"])
         return net, TrainState.from_dict(session.finished[name]["state"])
     s = cfg.sizes
     opt = torch.optim.Adam(net.parameters(), lr=s.lr, betas=BETAS)
     state = session.start(name, net, opt)
+    steps = cfg.pretrain_steps if name == PRETRAIN else s.steps
 
     def step(i: int) -> StepOutput:
-        batch = make_batch(pairs, random_batch(i, s.batch_size, len(pairs), cfg.seed), vocab)
+        if name == PRETRAIN:
+            if texts is None:
+                raise RuntimeError("the pre-training run needs its texts")
+            batch = denoising_batch(texts, i, cfg, vocab)
+        else:
+            batch = make_batch(pairs, random_batch(i, s.batch_size, len(pairs), cfg.seed), vocab)
         out = net.loss(type(batch)(*(t.to(device) for t in batch)))
         usage = None if out.assignment is None else pattern_usage(out.assignment.tolist(), cfg.patterns)
         return StepOutput(out.loss, {"nll": float(out.nll), "assign": usage})
 
-    train(net, opt, state, LoopConfig(s.steps, s.checkpoint_every, clip=CLIP), step,
+    train(net, opt, state, LoopConfig(steps, s.checkpoint_every, clip=CLIP), step,
           lambda st: session.save(name, st, net, opt), desc=name, quiet=quiet,
-          lr=warmup_cosine_floor(s.lr, s.steps, s.warmup, LR_FLOOR))
+          lr=warmup_cosine_floor(s.lr, steps, s.warmup if name != PRETRAIN else min(s.warmup, max(1, steps // 10)),
+                                 LR_FLOOR))
     session.finish(name, state, {"weights": net.state_dict(), "state": state.to_dict()})
     return net, state
 
@@ -205,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     train_examples, test, what = load_examples(cfg)
-    vocab = pair_vocab(train_examples, cfg.sizes.vocab_size, extra=[expert_token(i) for i in range(cfg.patterns)])
+    vocab = pair_vocab(train_examples, cfg.sizes.vocab_size, extra=special_tokens(cfg))
     pairs = encode_pairs(train_examples, vocab, cfg.sizes.max_len, cfg.sizes.max_len)
     fingerprint = data_fingerprint(None if cfg.data in (None, SYNTHETIC) else cfg.data, train_examples, test)
     out = Path(args.out)
@@ -215,8 +266,9 @@ def run(args: argparse.Namespace) -> int:
         resume_from = session.restore(resume_from)
         log(args.quiet, f"resuming from {resume_from}")
     nets, summaries = {}, {}
+    texts = pretraining_texts(train_examples, vocab, cfg.sizes.max_len) if cfg.pretrain_steps else None
     for name in cfg.networks():
-        nets[name], state = train_network(name, cfg, session, pairs, vocab, device, args.quiet)
+        nets[name], state = train_network(name, cfg, session, pairs, vocab, device, args.quiet, texts)
         summaries[name] = _train_summary(name, cfg, state, nets[name], pairs, vocab, device)
     sources = [e.source for e in test]
     refs = [[normalize(t) for t in e.targets] for e in test]
@@ -230,9 +282,12 @@ def run(args: argparse.Namespace) -> int:
         m["refs_covered_exact"] = refs_covered(outs, refs, tokenize="none", min_bleu=100.0)
         m["train"] = summaries[NETWORK_OF[model]]
         metrics[model], outputs[model] = m, outs
-    info = {"config": dataclasses.asdict(cfg), "data": what, "train_pairs": len(pairs), "test_inputs": len(test),
-            "vocab_size": len(vocab), "device": str(device), "threads": torch.get_num_threads(),
-            "environment": environment(device)}
+    info: dict[str, Any] = {"config": dataclasses.asdict(cfg), "data": what, "train_pairs": len(pairs),
+                            "test_inputs": len(test), "vocab_size": len(vocab), "device": str(device),
+                            "threads": torch.get_num_threads(), "environment": environment(device)}
+    if cfg.pretrain_steps:
+        info["pretrain"] = {**{k: v for k, v in summaries[PRETRAIN].items() if k != "nll_history"},
+                            "texts": len(texts or [])}
     report.plot_quality_vs_diversity(out / report.PLOT_FILE, metrics, f"K = {cfg.patterns}: {what.split(',')[0]}")
     examples = [{"source": e.source, "references": r} for e, r in zip(test, refs, strict=True)]
     write_text(out / REPORT_FILE, report.render_report(info, metrics, examples, outputs))

@@ -79,6 +79,15 @@ def _examples(examples: list[dict[str, Any]], outputs: dict[str, list[list[str]]
     return "\n\n".join(parts)
 
 
+def _pretraining(info: dict[str, Any]) -> str:
+    p = info.get("pretrain")
+    if not p:
+        return ""
+    return (f"\nEvery network's backbone starts from one pre-trained for {p['steps']} steps to reconstruct the "
+            f"{p['texts']:,} training texts (sources and targets) from BART's text infilling (final NLL/token "
+            f"{p['final_nll']:.3f}, {p['time_s']:.0f} s).")
+
+
 def render_report(info: dict[str, Any], metrics: dict[str, dict[str, Any]], examples: list[dict[str, Any]],
                   outputs: dict[str, list[list[str]]], n_examples: int = 5) -> str:
     """The Markdown report: setup, metrics, training, plot and example outputs per pattern."""
@@ -89,7 +98,8 @@ Data: {info['data']} ({info['train_pairs']:,} training pairs, {info['test_inputs
 vocabulary {info['vocab_size']:,} words). Preset `{cfg['preset']}`: transformer encoder-decoder of width
 {cfg['sizes']['dim']}, {cfg['sizes']['layers']}+{cfg['sizes']['layers']} layers; every network trained
 {cfg['sizes']['steps']} steps of {cfg['sizes']['batch_size']} pairs on {info['device']}
-(torch threads: {info['threads']}). Beam {cfg['beam']}; SPMoE heads `{cfg['spmoe']['head']}`.
+(torch threads: {info['threads']}). Beam {cfg['beam']}; SPMoE heads `{cfg['spmoe']['head']}`, capacity factor
+{cfg['spmoe']['capacity_factor']}, gate weight {cfg['spmoe']['gate_weight']}.{_pretraining(info)}
 
 Each model gives K outputs per input: SPMoE one per pattern head, hMoEup one per `<expert_i>` start
 token (each with its own beam search), the single model its top-K beam hypotheses or K ancestral
