@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import moekit.hf  # noqa: E402
+from moekit.bench.hf import gather_bytes, mixtral_config  # noqa: E402
 from moekit.bench.timing import machine_tag, results_path, time_interleaved, write_json  # noqa: E402
 
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
@@ -40,20 +41,13 @@ QUICK = {"dim": 32, "hidden": 64, "k": 2, "tokens": [8, 32], "experts": [4, 8], 
          "prompt": 8, "new_tokens": 4, "heads": 4}
 
 
-def mixtral_config(cfg: dict, experts: int, layers: int = 1):
-    import transformers
-
-    return transformers.MixtralConfig(
-        hidden_size=cfg["dim"], intermediate_size=cfg["hidden"], num_local_experts=experts,
-        num_experts_per_tok=cfg["k"], num_hidden_layers=layers, num_attention_heads=cfg["heads"],
-        num_key_value_heads=cfg["heads"], vocab_size=cfg["vocab"],
-        max_position_embeddings=cfg["prompt"] + cfg["new_tokens"], pad_token_id=None, bos_token_id=None,
-        eos_token_id=None)
+def _config(cfg: dict, experts: int, layers: int = 1):
+    return mixtral_config(cfg["dim"], cfg["hidden"], experts, cfg["k"], layers=layers, heads=cfg["heads"],
+                          vocab=cfg["vocab"], positions=cfg["prompt"] + cfg["new_tokens"])
 
 
-def gather_bytes(tokens: int, cfg: dict) -> int:
-    """What batched_mm gathers: every slot's gate/up [2F, D] and down [D, F] weights, float32."""
-    return tokens * cfg["k"] * 3 * cfg["hidden"] * cfg["dim"] * 4
+def _gather_bytes(tokens: int, cfg: dict) -> int:
+    return gather_bytes(tokens, cfg["dim"], cfg["hidden"], cfg["k"])
 
 
 def block_candidates(cfg: dict, experts: int, tokens: int, budget_bytes: float) -> dict[str, torch.nn.Module]:
@@ -61,14 +55,14 @@ def block_candidates(cfg: dict, experts: int, tokens: int, budget_bytes: float) 
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     torch.manual_seed(0)
-    config = mixtral_config(cfg, experts)
+    config = _config(cfg, experts)
     base = MixtralSparseMoeBlock(config)
     with torch.no_grad():
         for p in base.parameters():
             p.normal_(0.0, 0.02)
     blocks: dict[str, torch.nn.Module] = {}
     for name in (*HF_IMPLEMENTATIONS, "moekit"):
-        if name == "batched_mm" and gather_bytes(tokens, cfg) > budget_bytes:
+        if name == "batched_mm" and _gather_bytes(tokens, cfg) > budget_bytes:
             continue
         block = copy.deepcopy(base)
         block.experts.config._experts_implementation_internal = "moekit" if name == "moekit" else name
@@ -111,10 +105,10 @@ def generation_candidates(cfg: dict, experts: int, budget_bytes: float) -> dict[
     import transformers
 
     torch.manual_seed(0)
-    base = transformers.MixtralForCausalLM(mixtral_config(cfg, experts, cfg["layers"])).eval()
+    base = transformers.MixtralForCausalLM(_config(cfg, experts, cfg["layers"])).eval()
     models: dict[str, torch.nn.Module] = {}
     for name in (*HF_IMPLEMENTATIONS, "moekit"):
-        if name == "batched_mm" and gather_bytes(cfg["prompt"], cfg) > budget_bytes:
+        if name == "batched_mm" and _gather_bytes(cfg["prompt"], cfg) > budget_bytes:
             continue
         model = copy.deepcopy(base)
         model.set_experts_implementation(name)

@@ -22,7 +22,7 @@ def _load():
 def test_batched_mm_is_skipped_over_the_gather_budget():
     bench = _load()
     # 4096 tokens x k=2 slots x (gate, up, down = 3 x 1024 x 512) float32 weights: 51.5 GB gathered.
-    assert bench.gather_bytes(4096, bench.FULL) == 4096 * 2 * 3 * 1024 * 512 * 4
+    assert bench._gather_bytes(4096, bench.FULL) == 4096 * 2 * 3 * 1024 * 512 * 4
     cfg = bench.QUICK
     assert "hf-batched_mm" in bench.block_candidates(cfg, 4, 8, budget_bytes=1e9)
     assert set(bench.block_candidates(cfg, 4, 8, budget_bytes=0)) == {"hf-eager", "hf-grouped_mm", "hf+moekit-experts",
