@@ -174,13 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes: checks the benchmark runs, measures nothing")
     p.add_argument("--out", type=Path, help="results directory (default: benchmarks/results)")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--skip-block", action="store_true", help="generation only (moekit bench times the blocks too)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = dict(QUICK if args.quick else FULL)
     repeats, warmup = (1, 0) if args.quick else (args.repeats, 1)
     budget = args.gather_budget_gb * 1e9
     load_before = os.getloadavg()[0]
-    block_rows = bench_block(cfg, repeats, warmup, budget)
+    block_rows = [] if args.skip_block else bench_block(cfg, repeats, warmup, budget)
     gen_rows = bench_generation(cfg, repeats, warmup, budget)
     import transformers
 
