@@ -22,9 +22,7 @@ Everything is recomputed from the points' saved arrays with the job's own metric
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from moekit.jobs import options
 from moekit.jobs.ensemble.config import PRESETS
 from moekit.jobs.ensemble.report import diversity_metrics, fewshot_metrics, model_metrics
 from moekit.jobs.ensemble.study_report import plot_study, study_markdown
+from moekit.jobs.study import run_jobs
 
 CONFIGS = {"last_n-k1": ("last_n", 1), "last_n-k2": ("last_n", 2), "every_2-k1": ("every_2", 1),
            "every_2-k2": ("every_2", 2)}
@@ -83,36 +82,6 @@ def job_argv(point: Point, out: Path, args: argparse.Namespace) -> list[str]:
         if getattr(args, name) is not None:
             argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     return argv
-
-
-def run_points(points: list[Point], out: Path, args: argparse.Namespace) -> None:
-    """Run every point: in this process one after the other (``--jobs 1``), or as up to ``--jobs``
-    subprocesses at once, each logging to ``DIR/logs/<point>.log``."""
-    if args.jobs == 1:
-        from moekit import cli
-
-        for point in points:
-            _say(args, f"{point.name}: moekit {' '.join(job_argv(point, out, args))}")
-            if cli.main(job_argv(point, out, args)) != 0:
-                raise SystemExit(f"study point {point.name} failed")
-        return
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-
-    def one(point: Point) -> tuple[Point, int, float]:
-        start = time.monotonic()
-        with open(out / "logs" / f"{point.name}.log", "w") as log:
-            rc = subprocess.run([sys.executable, "-m", "moekit", *job_argv(point, out, args)], stdout=log,
-                                stderr=subprocess.STDOUT).returncode
-        return point, rc, time.monotonic() - start
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        failed = []
-        for point, rc, seconds in pool.map(one, points):
-            _say(args, f"{point.name}: {'done' if rc == 0 else f'FAILED ({rc})'} in {seconds:.0f} s")
-            if rc:
-                failed.append(point.name)
-    if failed:
-        raise SystemExit(f"study points failed: {', '.join(failed)} (see {out / 'logs'})")
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -217,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     points = plan(configs, args.e3_seeds, not args.no_extras)
     start = time.monotonic()
     if not args.gather_only:
-        run_points(points, out, args)
+        run_jobs([(p.name, job_argv(p, out, args)) for p in points], args.jobs, out / "logs", args.quiet)
     rows = gather(out, points)
     given = argv if argv is not None else sys.argv[1:]
     summary = {"command": "python -m moekit.jobs.ensemble.study " + " ".join(given),

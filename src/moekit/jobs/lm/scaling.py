@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from matplotlib.figure import Figure
 
+from moekit.jobs.study import run_jobs
 from moekit.train import plots
 from moekit.train.outdir import write_json, write_text
 
@@ -73,18 +71,6 @@ def commands(out: Path, points: Sequence[Point] = POINTS, seeds: Sequence[int] =
              "--threads", str(threads), "--quiet", "--resume",
              "--out", str(run_dir(out, p, seed)), *extra]
             for p in points for seed in seeds]
-
-
-def run_commands(argvs: Sequence[list[str]], jobs: int) -> None:
-    """Run every command as ``python -m moekit``, ``jobs`` at a time; raise if one fails."""
-    def one(argv: list[str]) -> tuple[list[str], int]:
-        print("moekit " + " ".join(argv), flush=True)
-        return argv, subprocess.run([sys.executable, "-m", "moekit", *argv], check=False).returncode
-
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        failed = [argv for argv, rc in pool.map(one, argvs) if rc != 0]
-    if failed:
-        raise RuntimeError("failed: " + "; ".join("moekit " + " ".join(a) for a in failed))
 
 
 def collect(out: Path, points: Sequence[Point], seeds: Sequence[int]) -> list[dict[str, Any]]:
@@ -282,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     points = TINY_POINTS if args.tiny else POINTS
     argvs = commands(out, points, SEEDS, data=args.data, threads=args.threads, extra=TINY_ARGS if args.tiny else ())
     if not args.report_only:
-        run_commands(argvs, args.jobs)
+        run_jobs([(Path(argv[argv.index("--out") + 1]).name, argv) for argv in argvs], args.jobs)
     write_study(out, points, SEEDS, argvs)
     print(f"results in {out}")
     return 0

@@ -20,10 +20,8 @@ points of their own under ``DIR`` (so the study resumes point by point), then ga
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from typing import Any
 from moekit.data.pairs import Example, synthetic_examples, write_jsonl
 from moekit.jobs import options
 from moekit.jobs.patterns.study_report import plot_study, study_markdown
+from moekit.jobs.study import run_jobs
 
 SYNTHETIC_K = 4
 
@@ -97,36 +96,6 @@ def job_argv(point: Point, out: Path, args: argparse.Namespace, data: dict[str, 
     return argv
 
 
-def run_points(points: list[Point], out: Path, args: argparse.Namespace, data: dict[str, Path]) -> None:
-    """Every point: in this process one after the other (``--jobs 1``), or as up to ``--jobs``
-    subprocesses at once, each logging to ``DIR/logs/<point>.log``."""
-    if args.jobs == 1:
-        from moekit import cli
-
-        for point in points:
-            if cli.main(job_argv(point, out, args, data)) != 0:
-                raise SystemExit(f"study point {point.name} failed")
-        return
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-
-    def one(point: Point) -> tuple[Point, int, float]:
-        start = time.monotonic()
-        with open(out / "logs" / f"{point.name}.log", "w") as log:
-            rc = subprocess.run([sys.executable, "-m", "moekit", *job_argv(point, out, args, data)], stdout=log,
-                                stderr=subprocess.STDOUT).returncode
-        return point, rc, time.monotonic() - start
-
-    failed = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for point, rc, seconds in pool.map(one, points):
-            if not args.quiet:
-                print(f"{point.name}: {'done' if rc == 0 else f'FAILED ({rc})'} in {seconds:.0f} s", flush=True)
-            if rc:
-                failed.append(point.name)
-    if failed:
-        raise SystemExit(f"study points failed: {', '.join(failed)} (see {out / 'logs'})")
-
-
 KEYS = ("bleu", "oracle_bleu", "pairwise_bleu", "distinct_2", "refs_covered", "refs_covered_exact")
 
 
@@ -173,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     data = write_synthetic_sets(out / "data")
     start = time.monotonic()
     if not args.gather_only:
-        run_points(points, out, args, data)
+        run_jobs([(p.name, job_argv(p, out, args, data)) for p in points], args.jobs, out / "logs", args.quiet)
     rows = gather(out, points)
     given = argv if argv is not None else sys.argv[1:]
     summary = {"command": "python -m moekit.jobs.patterns.study " + " ".join(given),
