@@ -34,6 +34,9 @@ BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
 # "auto" pads groups of experts to their largest segment while that costs at most this factor of
 # the real rows.
 MAX_PADDING_WASTE = 2.0
+# Without a backward, "auto" computes one expert at a time up to this many rows per expert on
+# average (measured on CPU: 0.5-0.9x the time of padded groups there, level beyond).
+MEMORY_BOUND_ROWS = 8
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -42,12 +45,20 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
-def choose_compute(backend: str, x_ND: torch.Tensor, counts: list[int]) -> tuple[str, GroupPlan | None]:
+def choose_compute(backend: str, x_ND: torch.Tensor, counts: list[int],
+                   grad: bool = True) -> tuple[str, GroupPlan | None]:
     """The backend to use for segments of sizes ``counts``, and for "bmm" its padded layout.
 
-    "auto" stands for grouped_mm where supported; else bmm over padded groups of experts (see
-    ``moekit.experts.grouped``) unless that computes more than ``MAX_PADDING_WASTE`` times the real rows
-    (tiny batches: fewer than 2 rows per expert on average go straight to the loop); else loop.
+    "auto" stands for grouped_mm where supported; else, on the CPU:
+
+    - without a backward (``grad`` False) and at most ``MEMORY_BOUND_ROWS`` rows per expert on
+      average, the loop: reading the weights dominates there, and one matmul per expert that has
+      rows reads only those experts, where padded groups read every expert of a group;
+    - with a backward, bmm over padded groups of experts (``moekit.experts.grouped``) however
+      few the rows: the loop's per-expert weight gradients are stacked into whole [E, ...]
+      tensors every step, which costs more than any padding;
+    - otherwise bmm unless it computes more than ``MAX_PADDING_WASTE`` times the real rows.
+
     Off the CPU the padded layout is one group: a kernel launch per group would cost more there
     than the padding saves.
     """
@@ -58,10 +69,10 @@ def choose_compute(backend: str, x_ND: torch.Tensor, counts: list[int]) -> tuple
     if grouped_mm_supported(x_ND):
         return "grouped_mm", None
     n = sum(counts)
-    if n == 0 or n < 2 * len(counts):
+    if n == 0 or (not grad and n <= MEMORY_BOUND_ROWS * len(counts)):
         return "loop", None
     plan = _plan(x_ND, counts)
-    if plan.rows <= MAX_PADDING_WASTE * n:
+    if grad or plan.rows <= MAX_PADDING_WASTE * n:
         return "bmm", plan
     return "loop", None
 
@@ -217,7 +228,7 @@ class Experts(nn.Module):
         What the all-to-all dispatcher calls: the rows arrive grouped by expert.
         """
         self._check_counts(counts)
-        backend, plan = choose_compute(self.backend, x_ND, counts)
+        backend, plan = choose_compute(self.backend, x_ND, counts, self._needs_grad(x_ND))
         if plan is not None:  # "bmm": padded groups of experts
             return self._forward_padded(x_ND, counts, plan)
         return self._compute(backend, x_ND, counts)
@@ -231,7 +242,7 @@ class Experts(nn.Module):
         into the padded buffer and combined straight from it (no [N, D] copy either way).
         """
         self._check_counts(perm.counts)
-        backend, plan = choose_compute(self.backend, x_TD, perm.counts)
+        backend, plan = choose_compute(self.backend, x_TD, perm.counts, self._needs_grad(x_TD))
         if plan is None:
             h_ND = self._compute(backend, x_TD.index_select(0, perm.token_ids_N), perm.counts)
             return combine(h_ND, perm, weights_TK, x_TD.shape[0])
@@ -244,6 +255,9 @@ class Experts(nn.Module):
         # index_select, not x_TD[src]: its backward is an index_add, much faster than index_put(accumulate).
         y_RD = self.forward_rows(x_TD.index_select(0, src_R), plan)
         return x_TD.new_zeros(num_tokens, dim).index_add(0, src_R, y_RD * w_R[:, None])
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad)
 
     def _check_counts(self, counts: list[int]) -> None:
         if len(counts) != self.num_experts:

@@ -52,7 +52,35 @@ def test_auto_backend_choice_on_cpu():
     x = torch.zeros(1, 4)
     backend, plan = choose_compute("auto", x, [100] * 8)
     assert backend == "bmm" and plan.rows == 800
-    assert choose_compute("auto", x, [1] + [0] * 63) == ("loop", None)  # tiny batch: padding would dominate
+    assert choose_compute("auto", x, [1] + [0] * 63, grad=False) == ("loop", None)  # memory-bound: touched experts only
+    assert choose_compute("auto", x, [8] * 8, grad=False) == ("loop", None)
+    assert choose_compute("auto", x, [9] * 8, grad=False)[0] == "bmm"
+    assert choose_compute("auto", x, [1] + [0] * 63)[0] == "bmm"  # a backward: never the loop's stacked gradients
+    assert choose_compute("auto", x, [0] * 8) == ("loop", None)  # no rows: the loop keeps the output in the graph
     assert choose_compute("loop", x, [100] * 8) == ("loop", None)
     backend, plan = choose_compute("bmm", x, [1] + [0] * 63)  # forced: padded all the same
     assert backend == "bmm" and plan.rows >= 1
+
+
+def test_the_bank_tells_the_backend_choice_whether_a_backward_follows(monkeypatch):
+    import moekit.experts.bank as bank
+
+    seen = []
+    real = bank.choose_compute
+
+    def spy(backend, x, counts, grad=True):
+        seen.append(grad)
+        return real(backend, x, counts, grad)
+
+    monkeypatch.setattr(bank, "choose_compute", spy)
+    moe = moekit.MoE(8, 4, 2, 12)
+    x = torch.randn(5, 8)
+    moe(x)
+    with torch.no_grad():
+        moe(x)
+    with torch.inference_mode():
+        moe(x)
+    moe.requires_grad_(False)
+    moe(x)
+    moe(x.requires_grad_())
+    assert seen == [True, False, False, False, True]
