@@ -36,7 +36,7 @@ DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 class Job(NamedTuple):
     help: str
-    module: str  # a package of moekit.jobs (or moekit.bench) providing add_args(parser) and run(args) -> int
+    module: str  # a package of moekit.jobs (or the module moekit.bench.cli) providing add_args(parser) and run(args) -> int
     default_out: str
 
 
@@ -49,7 +49,7 @@ JOBS: dict[str, Job] = {
     ),
     "bench": Job(
         "benchmark the MoE layer against the dense-FLOPs limit and baseline dispatchers",
-        "moekit.bench",
+        "moekit.bench.cli",
         "runs/bench",
     ),
     "ensemble": Job(

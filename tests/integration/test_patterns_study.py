@@ -38,6 +38,7 @@ def test_tiny_study_runs_every_point_and_gathers_them(tmp_path):
                           ("capacity-factor 1.0", "spmoe"), ("capacity-factor 2.0", "spmoe"),
                           ("gate-weight 0.3", "spmoe"), ("gate-weight 3", "spmoe"),
                           ("pre-trained backbone", "spmoe"), ("pre-trained backbone", "hmoe"),
+                          ("pre-trained backbone, capacity-factor 2.0", "spmoe"),
                           ("one-to-many data", "spmoe"), ("one-to-many data", "hmoe"),
                           ("one-to-one data", "spmoe"), ("one-to-one data", "hmoe")])
     # Each point ran with its own change.
@@ -45,6 +46,8 @@ def test_tiny_study_runs_every_point_and_gathers_them(tmp_path):
     assert config["spmoe"]["capacity_factor"] == 2.0 and config["preset"] == "tiny"
     assert json.loads((out / "kjv-mlp-head-seed0" / "config.json").read_text())["spmoe"]["head"] == "mlp"
     assert json.loads((out / "kjv-pretrained-seed0" / "config.json").read_text())["pretrain_steps"] == 2
+    both = json.loads((out / "kjv-pretrained-capacity-factor-2.0-seed0" / "config.json").read_text())
+    assert both["pretrain_steps"] == 2 and both["spmoe"]["capacity_factor"] == 2.0
     synthetic = json.loads((out / "synthetic-one-to-one-seed0" / "config.json").read_text())
     assert synthetic["patterns"] == 4 and synthetic["preset"] == "synthetic"
     md = (out / "study.md").read_text()

@@ -6,10 +6,10 @@ points of their own under ``DIR`` (so the study resumes point by point), then ga
 
 - the baseline: SPMoE (linear adapter heads) and hMoEup, seeds 0 and 1;
 - pattern heads of more capacity: SPMoE with a residual MLP adapter per pattern (``--head mlp``);
-- the assignment: capacity factors 1.0 and 2.0, gate weights 0.3 and 3 (the gate weight is the
-  inverse temperature of the likelihood in the assignment);
+- the assignment: capacity factors 1.0 and 2.0 (2.0 at every seed), gate weights 0.3 and 3 (the
+  gate weight is the inverse temperature of the likelihood in the assignment);
 - a pre-trained backbone: BART-style denoising of the training texts before SPMoE and hMoEup
-  are trained from it (``--pretrain-steps``);
+  are trained from it (``--pretrain-steps``), and SPMoE with capacity factor 2.0 on it;
 - the one-to-one nature of the data: no English Bible but the KJV and the WEB is packaged for
   Debian, so the data side is measured on the synthetic set of K = 4 known rewrite rules, written
   twice with the same 100 test sources (all 4 references each): one-to-many (900 training sources
@@ -34,6 +34,7 @@ from moekit.jobs.patterns.study_report import plot_study, study_markdown
 from moekit.jobs.study import run_jobs
 
 SYNTHETIC_K = 4
+LOOSE = ("--capacity-factor", "2.0")
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,17 @@ def plan(seeds: int, pretrain_steps: int) -> list[Point]:
                          1.1),
                    Point(f"synthetic-one-to-many-seed{seed}", "one-to-many data", (*both, *s), 0.7),
                    Point(f"synthetic-one-to-one-seed{seed}", "one-to-one data", (*both, *s), 0.7)]
-    for flag, value in (("--capacity-factor", "1.0"), ("--capacity-factor", "2.0"), ("--gate-weight", "0.3"),
-                        ("--gate-weight", "3")):
+        # Capacity factor 2.0 at every seed; the other assignment settings at seed 0 only.
+        points.append(Point("kjv-capacity-factor-2.0" + (f"-seed{seed}" if seed else ""), "capacity-factor 2.0",
+                            ("--models", "spmoe", *LOOSE, *(s if seed else ())), 1.05))
+    for flag, value in (("--capacity-factor", "1.0"), ("--gate-weight", "0.3"), ("--gate-weight", "3")):
         points.append(Point(f"kjv-{flag[2:]}-{value}", f"{flag[2:]} {value}", ("--models", "spmoe", flag, value), 1.05))
     if pretrain_steps:
-        points.append(Point("kjv-pretrained-seed0", "pre-trained backbone",
-                            (*both, "--pretrain-steps", str(pretrain_steps)), 2.2 + pretrain_steps / 2000))
+        pretrain = ("--pretrain-steps", str(pretrain_steps))
+        points += [Point("kjv-pretrained-seed0", "pre-trained backbone", (*both, *pretrain),
+                         2.2 + pretrain_steps / 2000),
+                   Point("kjv-pretrained-capacity-factor-2.0-seed0", "pre-trained backbone, capacity-factor 2.0",
+                         ("--models", "spmoe", *LOOSE, *pretrain), 1.1 + pretrain_steps / 2000)]
     return sorted(points, key=lambda p: -p.cost)
 
 

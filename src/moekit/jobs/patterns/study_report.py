@@ -17,7 +17,7 @@ from moekit.train.plots import save_figure
 
 LABELS = {"spmoe": "SPMoE", "hmoe": "hMoEup"}
 KJV_GROUPS = ("baseline", "MLP pattern heads", "capacity-factor 1.0", "capacity-factor 2.0", "gate-weight 0.3",
-              "gate-weight 3", "pre-trained backbone")
+              "gate-weight 3", "pre-trained backbone", "pre-trained backbone, capacity-factor 2.0")
 SYNTHETIC_GROUPS = ("one-to-many data", "one-to-one data")
 
 
@@ -41,10 +41,10 @@ def kjv_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| change | model | seeds | BLEU (mean of K) | oracle BLEU | pairwise BLEU | distinct-2 | "
              "oracle - hMoEup | pairwise - hMoEup | train time (s) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    reference = _pick(rows, "baseline", "hmoe")
+    reference, pretrained = _pick(rows, "baseline", "hmoe"), _pick(rows, "pre-trained backbone", "hmoe")
     for group in KJV_GROUPS:
         # A pre-trained SPMoE is compared with the hMoEup trained from the same pre-trained backbone.
-        ref = _pick(rows, group, "hmoe") or reference
+        ref = _pick(rows, group, "hmoe") or (pretrained if group.startswith("pre-trained") else reference)
         for model in ("spmoe", "hmoe"):
             chosen = _pick(rows, group, model)
             if not chosen:
