@@ -36,7 +36,7 @@ DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 class Job(NamedTuple):
     help: str
-    module: str  # a package of moekit.jobs (or the module moekit.bench.cli) providing add_args(parser) and run(args) -> int
+    module: str  # a moekit.jobs package (or moekit.bench.cli) with add_args(parser) and run(args) -> int
     default_out: str
 
 
