@@ -126,7 +126,8 @@ def run_case(case: Case, device: str, repeats: int) -> dict:
         m.train(case.backward)
     inputs = {"limit": x_limit, **{name: x[None] for name in models if name.startswith("hf_")}}  # HF: [1, T, D]
     fns = {name: _step(m, inputs.get(name, x), case.backward) for name, m in models.items()}
-    timings = time_interleaved(fns, repeats=repeats, warmup=2, device=device, budget_s=20.0)
+    # Rounds of at least 50 ms: a millisecond call is timed in a steady loop (see time_interleaved).
+    timings = time_interleaved(fns, repeats=repeats, warmup=2, device=device, budget_s=20.0, min_round_s=0.05)
     t = {name: r["median_s"] for name, r in timings.items()}
     row = {"case": asdict(case), "name": case.name, "median_s": t,
            "samples": {n: r["samples"] for n, r in timings.items()},

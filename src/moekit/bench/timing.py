@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import platform
 import statistics
 import time
@@ -25,37 +26,46 @@ def sync(device: torch.device | str) -> None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
-                     device: str = "cpu", budget_s: float | None = None) -> dict[str, dict]:
+                     device: str = "cpu", budget_s: float | None = None,
+                     min_round_s: float | None = None) -> dict[str, dict]:
     """Median wall time of each callable, run round-robin ``repeats`` times after ``warmup`` rounds.
 
     A callable slower than ``budget_s`` on its warm-up is run once more only (its median then
-    rests on fewer samples; the count is reported).
-    Returns ``{name: {"median_s", "samples", "times_s"}}``.
+    rests on fewer samples; the count is reported). With ``min_round_s``, a callable faster than
+    that on its last warm-up runs ``calls`` times back to back in each round and its time is the
+    round's mean: a single call of a millisecond measures the wake-up of idle threads and cold
+    caches rather than the call in a steady loop, as in serving or generation.
+
+    Returns ``{name: {"median_s", "samples", "times_s", "calls"}}``.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
+    calls = dict.fromkeys(fns, 1)
     slow = set()
-    for _ in range(warmup):
+    for w in range(warmup):
         for name, fn in fns.items():
-            t = _once(fn, device)
+            t = _once(fn, device, calls[name])
             if budget_s is not None and t > budget_s:
                 slow.add(name)
                 times[name].append(t)
+            if min_round_s is not None and w == warmup - 1:
+                calls[name] = max(1, math.ceil(min_round_s / max(t, 1e-9)))
     for r in range(repeats):
         for name, fn in fns.items():
             if name in slow and r > 0:
                 continue
-            times[name].append(_once(fn, device))
-    return {name: {"median_s": statistics.median(ts), "samples": len(ts), "times_s": ts}
+            times[name].append(_once(fn, device, calls[name]))
+    return {name: {"median_s": statistics.median(ts), "samples": len(ts), "times_s": ts, "calls": calls[name]}
             for name, ts in times.items()}
 
 
-def _once(fn: Callable[[], object], device: str) -> float:
+def _once(fn: Callable[[], object], device: str, calls: int = 1) -> float:
     gc.collect()
     sync(device)
     start = time.perf_counter()
-    fn()
+    for _ in range(calls):
+        fn()
     sync(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / calls
 
 
 def peak_memory(fn: Callable[[], object], device: str = "cpu") -> int | None:
