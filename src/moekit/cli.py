@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 from typing import NamedTuple, NoReturn
@@ -167,6 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _first_rank():
             print(f"{getattr(e, 'prog', name)}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        if _first_rank():
+            print(f"{name}: error: out of memory ({_allocation(e)}): lower --batch-size, --seq-len or the model's "
+                  "size; a run stopped in training continues from its last checkpoint with --resume",
+                  file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         detail = f" ({e})" if str(e) else ""
         if _first_rank():
@@ -174,6 +183,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         release_out_dirs()
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocator's refusal (CPU or CUDA), not a bug."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def _allocation(error: BaseException) -> str:
+    """The size the allocator refused, as it said it, or its first line."""
+    match = re.search(r"tried to allocate (\d+) bytes", str(error))
+    if match:
+        return f"an allocation of {int(match.group(1)) / 2**30:.1f} GiB was refused"
+    return one_line(error).split(". ")[0][:200]
 
 
 def one_line(error: BaseException) -> str:

@@ -207,3 +207,13 @@ def test_a_full_disk_during_the_run_is_one_line_naming_the_file(files, tmp_path,
     assert "step_00000001.pt" in line and "No space left on device" in line
     assert json.loads((out / "config.json").read_text())["steps"] == 2
     assert not list(out.rglob("*.tmp"))
+
+
+def test_a_batch_no_machine_holds_is_one_line_and_the_out_directory_stays_usable(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = _argv("lm", ["--batch-size", str(10**12)], files, out)
+    assert main(argv) == 2
+    line = _one_error_line(capsys, "lm")
+    assert "out of memory (an allocation of" in line and "GiB was refused): lower --batch-size" in line
+    # The lock went with the process: the same directory takes a corrected run at once.
+    assert main([*argv, "--batch-size", "4", "--force"]) == 0
