@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if _first_rank():
             print(f"{name}: error: out of memory ({_allocation(e)}): lower --batch-size, --seq-len or the model's "
-                  "size; a run stopped in training continues from its last checkpoint with --resume",
+                  "size (a new configuration: --force starts over), or free memory and continue with --resume",
                   file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
