@@ -39,3 +39,36 @@ dropout_rate = _number(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 seed = _number(int, lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
 threads = _number(int, lambda v: 1 <= v <= MAX_THREADS, f"an integer from 1 to {MAX_THREADS}")
 threads_or_zero = _number(int, lambda v: 0 <= v <= MAX_THREADS, f"an integer from 0 to {MAX_THREADS}")
+
+
+class PresetOptions:
+    """A job's options that a preset sizes: ``--name VALUE`` for each entry of ``table``
+    ({name: (type, help)}), defaulting to ``fixed[name]`` or else the preset's value; an option
+    given on the command line wins over both."""
+
+    def __init__(self, table: dict[str, tuple[Callable[[str], Any], str]], fixed: dict[str, Any]):
+        self.table, self.fixed = table, fixed
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        for name, (kind, text) in self.table.items():
+            default = self.fixed.get(name)
+            shown = f"default: {default}" if default is not None else "default: from --preset"
+            parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text} ({shown})")
+
+    def defaults(self, preset: dict[str, Any]) -> dict[str, Any]:
+        """What a run of ``preset`` takes when no option is given."""
+        return {**self.fixed, **preset}
+
+    def values(self, args: argparse.Namespace, preset: dict[str, Any]) -> dict[str, Any]:
+        """The defaults of ``preset`` with the options given on the command line."""
+        given = {name: getattr(args, name) for name in self.table if getattr(args, name) is not None}
+        return {**self.defaults(preset), **given}
+
+    def words(self, cfg: Any, preset: dict[str, Any]) -> list[str]:
+        """The options that bring ``preset``'s defaults to ``cfg``'s values, as command-line words."""
+        defaults = self.defaults(preset)
+        words: list[str] = []
+        for name in self.table:
+            if getattr(cfg, name) != defaults[name]:
+                words += [f"--{name.replace('_', '-')}", f"{getattr(cfg, name):g}"]
+        return words

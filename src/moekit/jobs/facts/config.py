@@ -79,6 +79,7 @@ _OPTIONS: dict[str, tuple[Any, str]] = {
     "checkpoint_every": (options.positive_int, "checkpoint every this many steps"),
 }
 _FIXED_DEFAULTS = {"k": 4, "clip": 1.0, "w_importance": 0.1, "w_load": 0.1}
+_SIZED = options.PresetOptions(_OPTIONS, _FIXED_DEFAULTS)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -90,10 +91,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--facts", metavar="N1,N2,...", help="numbers of facts to sweep (default: from --preset)")
     parser.add_argument("--threads", type=options.threads, metavar="N",
                         help="torch CPU threads (default: torch's choice); not part of the run's configuration")
-    for name, (kind, text) in _OPTIONS.items():
-        default = _FIXED_DEFAULTS.get(name)
-        shown = f"default: {default}" if default is not None else "default: from --preset"
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text} ({shown})")
+    _SIZED.add_to(parser)
 
 
 def _int_list(text: str, what: str) -> tuple[int, ...]:
@@ -105,8 +103,7 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 
 def config_from_args(args: argparse.Namespace) -> FactsJobConfig:
     """Preset values, overridden by the options given; ``ConfigError`` names a bad value."""
-    values: dict[str, Any] = {**_FIXED_DEFAULTS, **PRESETS[args.preset]}
-    values.update({name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None})
+    values = _SIZED.values(args, PRESETS[args.preset])
     facts = _int_list(args.facts if args.facts is not None else values.pop("facts"), "--facts")
     values.pop("facts", None)
     models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else DEFAULT_MODELS
@@ -149,12 +146,10 @@ def check_config(cfg: FactsJobConfig) -> None:
 
 def command_line(cfg: FactsJobConfig) -> str:
     """The ``moekit facts`` command that reproduces ``cfg``."""
-    defaults = {**_FIXED_DEFAULTS, **PRESETS[cfg.preset]}
+    defaults = _SIZED.defaults(PRESETS[cfg.preset])
     words = ["moekit", "facts", "--preset", cfg.preset, "--models", ",".join(cfg.models)]
     if ",".join(map(str, cfg.facts)) != defaults["facts"]:
         words += ["--facts", ",".join(map(str, cfg.facts))]
     words += ["--seed", str(cfg.seed)] if cfg.seed else []
-    for name in _OPTIONS:
-        if getattr(cfg, name) != defaults[name]:
-            words += [f"--{name.replace('_', '-')}", f"{getattr(cfg, name):g}"]
+    words += _SIZED.words(cfg, PRESETS[cfg.preset])
     return " ".join(words)

@@ -136,6 +136,7 @@ _OPTIONS: dict[str, tuple[Any, str]] = {
     "checkpoint_every": (options.positive_int, "checkpoint every this many steps"),
 }
 _FIXED_DEFAULTS = {"k": 4, "clip": 1.0, "w_importance": 0.1, "w_load": 0.1}
+_SIZED = options.PresetOptions(_OPTIONS, _FIXED_DEFAULTS)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -157,16 +158,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: torch's choice); not part of the run's configuration")
     add_parallel_arg(parser, "lm", "N must divide --batch-size and the experts of every MoE model of --models; "
                                    "every model of the run is trained this way (dense ones data-parallel).")
-    for name, (kind, text) in _OPTIONS.items():
-        default = _FIXED_DEFAULTS.get(name)
-        shown = f"default: {default}" if default is not None else "default: from --preset"
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text} ({shown})")
+    _SIZED.add_to(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> LMJobConfig:
     """Preset values, overridden by the options given; ``ConfigError`` names a bad value."""
-    values: dict[str, Any] = {**_FIXED_DEFAULTS, **PRESETS[args.preset]}
-    values.update({name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None})
+    values = _SIZED.values(args, PRESETS[args.preset])
     if args.models:
         models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     else:
@@ -218,16 +215,13 @@ def command_line(cfg: LMJobConfig) -> str | None:
     """The ``moekit lm`` command that reproduces ``cfg`` (None for a configuration no preset starts from)."""
     if cfg.preset not in PRESETS:
         return None
-    defaults = {**_FIXED_DEFAULTS, **PRESETS[cfg.preset]}
     words = ["moekit", "lm", "--preset", cfg.preset, "--models", ",".join(cfg.models)]
     words += ["--ablation"] if cfg.ablation else []
     words += ["--balancing"] if cfg.balancing else []
     words += ["--seed", str(cfg.seed)] if cfg.seed else []
     words += ["--data", cfg.data] if cfg.data else []
     words += ["--corpus", cfg.corpus] if cfg.corpus != "kjv" and not cfg.data else []
-    for name in _OPTIONS:
-        if getattr(cfg, name) != defaults[name]:
-            words += [f"--{name.replace('_', '-')}", f"{getattr(cfg, name):g}"]
+    words += _SIZED.words(cfg, PRESETS[cfg.preset])
     return " ".join(words)
 
 

@@ -82,6 +82,7 @@ _OPTIONS: dict[str, tuple[Any, str]] = {
     "eval_tokens": (options.positive_int, "validation tokens per evaluation during training (the final one uses all)"),
     "checkpoint_every": (options.positive_int, "checkpoint every this many steps"),
 }
+_SIZED = options.PresetOptions(_OPTIONS, FIXED_DEFAULTS)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -92,16 +93,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="FILE", help="UTF-8 text file to use instead of the King James Bible")
     parser.add_argument("--threads", type=options.threads, metavar="N",
                         help="torch CPU threads (default: torch's choice); not part of the run's configuration")
-    for name, (kind, text) in _OPTIONS.items():
-        default = FIXED_DEFAULTS.get(name)
-        shown = f"default: {default}" if default is not None else "default: from --preset"
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text} ({shown})")
+    _SIZED.add_to(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> UpcycleConfig:
     """Preset values, overridden by the options given; ``ConfigError`` names a bad value."""
-    values: dict[str, Any] = {**FIXED_DEFAULTS, **PRESETS[args.preset]}
-    values.update({name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None})
+    values = _SIZED.values(args, PRESETS[args.preset])
     cfg = UpcycleConfig(preset=args.preset, seed=args.seed, data=args.data, **values)
     check_config(cfg)
     return cfg
@@ -129,11 +126,8 @@ def check_config(cfg: UpcycleConfig) -> None:
 
 def command_line(cfg: UpcycleConfig) -> str:
     """The ``moekit upcycle`` command that reproduces ``cfg``."""
-    defaults = {**FIXED_DEFAULTS, **PRESETS[cfg.preset]}
     words = ["moekit", "upcycle", "--preset", cfg.preset]
     words += ["--seed", str(cfg.seed)] if cfg.seed else []
     words += ["--data", cfg.data] if cfg.data else []
-    for name in _OPTIONS:
-        if getattr(cfg, name) != defaults[name]:
-            words += [f"--{name.replace('_', '-')}", f"{getattr(cfg, name):g}"]
+    words += _SIZED.words(cfg, PRESETS[cfg.preset])
     return " ".join(words)
