@@ -7,12 +7,15 @@ The studies (``moekit.jobs.lm.scaling``, ``moekit.jobs.ensemble.study``,
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from moekit.jobs import options
 
 
 def run_jobs(runs: Sequence[tuple[str, list[str]]], jobs: int, logs: Path | None = None,
@@ -58,3 +61,13 @@ def run_jobs(runs: Sequence[tuple[str, list[str]]], jobs: int, logs: Path | None
     if failed:
         where = f" (see {logs})" if logs is not None else ""
         raise SystemExit(f"study runs failed: {', '.join(failed)}{where}")
+
+
+def add_study_args(parser: argparse.ArgumentParser) -> None:
+    """The options every study shares: ``--out --jobs --threads --gather-only --quiet``."""
+    parser.add_argument("--out", required=True, help="study directory: one sub-directory per point, the summary")
+    parser.add_argument("--jobs", type=options.positive_int, default=2,
+                        help="points run at once, as subprocesses (1: one after the other in this process)")
+    parser.add_argument("--threads", type=options.threads, default=1, help="torch threads per point (default: 1)")
+    parser.add_argument("--gather-only", action="store_true", help="only gather the finished points' results")
+    parser.add_argument("--quiet", action="store_true")

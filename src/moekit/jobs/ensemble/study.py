@@ -35,7 +35,7 @@ from moekit.jobs import options
 from moekit.jobs.ensemble.config import PRESETS
 from moekit.jobs.ensemble.report import diversity_metrics, fewshot_metrics, model_metrics
 from moekit.jobs.ensemble.study_report import plot_study, study_markdown
-from moekit.jobs.study import run_jobs
+from moekit.jobs.study import add_study_args, run_jobs
 
 CONFIGS = {"last_n-k1": ("last_n", 1), "last_n-k2": ("last_n", 2), "every_2-k1": ("every_2", 1),
            "every_2-k2": ("every_2", 2)}
@@ -157,21 +157,16 @@ def gather(out: Path, points: list[Point]) -> list[dict[str, Any]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m moekit.jobs.ensemble.study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="study directory: one sub-directory per point, the summary")
+    add_study_args(parser)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="sweep", help="the job's preset (default: sweep)")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"comma-separated (layout, K) configurations, from {', '.join(CONFIGS)} (default: all)")
     parser.add_argument("--e3-seeds", type=options.positive_int, default=2,
                         help="seeds of every E^3 point (default: 2)")
     parser.add_argument("--no-extras", action="store_true", help="leave out the dense, Soft MoE and expert-choice runs")
-    parser.add_argument("--jobs", type=options.positive_int, default=2,
-                        help="points run at once, as subprocesses (1: one after the other in this process)")
-    parser.add_argument("--threads", type=options.threads, default=1, help="torch threads per point (default: 1)")
     parser.add_argument("--data", help="the job's --data (default: Fashion-MNIST)")
     parser.add_argument("--steps", type=options.positive_int, help="the job's --steps (default: the preset's)")
     parser.add_argument("--train-examples", type=options.positive_int, help="the job's --train-examples")
-    parser.add_argument("--gather-only", action="store_true", help="only gather the finished points' results")
-    parser.add_argument("--quiet", action="store_true")
     return parser
 
 

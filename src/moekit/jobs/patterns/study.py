@@ -31,7 +31,7 @@ from typing import Any
 from moekit.data.pairs import Example, synthetic_examples, write_jsonl
 from moekit.jobs import options
 from moekit.jobs.patterns.study_report import plot_study, study_markdown
-from moekit.jobs.study import run_jobs
+from moekit.jobs.study import add_study_args, run_jobs
 
 SYNTHETIC_K = 4
 LOOSE = ("--capacity-factor", "2.0")
@@ -125,19 +125,14 @@ def gather(out: Path, points: list[Point]) -> list[dict[str, Any]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m moekit.jobs.patterns.study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="study directory: one sub-directory per point, the summary")
+    add_study_args(parser)
     parser.add_argument("--seeds", type=options.positive_int, default=2,
                         help="seeds of the baseline, the MLP heads and the synthetic sets (default: 2)")
     parser.add_argument("--pretrain-steps", type=options.non_negative_int, default=1000,
                         help="denoising steps of the pre-trained point (0: leave it out; default: 1000)")
-    parser.add_argument("--jobs", type=options.positive_int, default=2,
-                        help="points run at once, as subprocesses (1: one after the other in this process)")
-    parser.add_argument("--threads", type=options.threads, default=1, help="torch threads per point (default: 1)")
     parser.add_argument("--data", help="a JSON-lines set in place of KJV -> WEB (for tests)")
     parser.add_argument("--preset", help="the job's preset for the KJV points (default: cpu-small)")
     parser.add_argument("--steps", type=options.positive_int, help="the job's --steps for every point")
-    parser.add_argument("--gather-only", action="store_true", help="only gather the finished points' results")
-    parser.add_argument("--quiet", action="store_true")
     return parser
 
 
