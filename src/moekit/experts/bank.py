@@ -38,6 +38,11 @@ MAX_PADDING_WASTE = 2.0
 # Without a backward, "auto" computes one expert at a time up to this many rows per expert on
 # average (measured on CPU: 0.5-0.9x the time of padded groups there, level beyond).
 MEMORY_BOUND_ROWS = 8
+# Without a backward, batches of at most this many tokens (generation) are grouped by expert in
+# Python (``Experts.forward_few``): measured on CPU at one token, the layer then takes 0.83x the
+# time of the sort, gather and combine; from 4 tokens on, the experts with several rows make it
+# level or slower.
+FEW_TOKENS = 2
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -257,6 +262,53 @@ class Experts(nn.Module):
         y_RD = self.forward_rows(x_TD.index_select(0, src_R), plan)
         return x_TD.new_zeros(num_tokens, dim).index_add(0, src_R, y_RD * w_R[:, None])
 
+    def takes_few(self, x_TD: torch.Tensor, indices_TK: torch.Tensor) -> bool:
+        """Whether ``forward_few`` computes these slots: no backward follows, at most ``FEW_TOKENS``
+        tokens, and the backend would compute one expert at a time anyway (``choose_compute``)."""
+        if indices_TK.shape[0] > FEW_TOKENS or self._needs_grad(x_TD) or self.backend not in ("auto", "loop"):
+            return False
+        return self.backend == "loop" or not grouped_mm_supported(x_TD)
+
+    def forward_few(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """``forward_tokens`` for a few tokens without a backward (see ``takes_few``). Returns [T, D].
+
+        The slots are grouped by expert in Python, and a token that is an expert's only row is
+        read and written as a view of its row: no sort, gather or scatter. The values are those of
+        ``forward_tokens`` bit for bit: every expert sees the same rows in the same order, and each
+        token's outputs are added in expert order, as the sorted combine adds them.
+        """
+        num_tokens, k = indices_TK.shape
+        slots: dict[int, list[int]] = {}
+        for slot, e in enumerate(indices_TK.reshape(-1).tolist()):
+            if e >= 0:
+                slots.setdefault(e, []).append(slot)
+        if any(e >= self.num_experts for e in slots):
+            raise ValueError(f"expert index {max(slots)} is out of range for {self.num_experts} experts")
+        ws = self._weights(x_TD.dtype)
+        w_TK = weights_TK.to(x_TD.dtype)
+        # index_add sums a reduced-precision row's contributions in float32 and rounds once: so does this.
+        reduced = x_TD.dtype in (torch.bfloat16, torch.float16)
+        y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32 if reduced else x_TD.dtype)
+        for e in sorted(slots):
+            rows = slots[e]
+            if len(rows) == 1:
+                t, j = divmod(rows[0], k)
+                h = self._expert_rows(ws, e, x_TD[t:t + 1])
+                y_TD[t:t + 1].add_(h * w_TK[t:t + 1, j:j + 1])
+                continue
+            slot_N = torch.tensor(rows, device=x_TD.device)
+            token_N = slot_N // k
+            h = self._expert_rows(ws, e, x_TD.index_select(0, token_N))
+            y_TD.index_add_(0, token_N, (h * w_TK.reshape(-1)[slot_N, None]).to(y_TD.dtype))
+        return y_TD.to(x_TD.dtype)
+
+    def _expert_rows(self, ws: tuple[Any, ...], e: int, x_e: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on its rows ``x_e``, from weights ``ws`` (stacked, or unbound per expert)."""
+        w1, b1, w2, b2, w3, b3 = ws
+        up = None if w3 is None else linear(x_e, w3[e], None if b3 is None else b3[e])
+        h = self.hidden(linear(x_e, w1[e], None if b1 is None else b1[e]), up)
+        return linear(h, w2[e], None if b2 is None else b2[e])
+
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad)
 
@@ -269,7 +321,7 @@ class Experts(nn.Module):
 
     def _weights(self, dtype: torch.dtype) -> ExpertWeights:
         ws = (self.w1, self.b1, self.w2, self.b2, self.w3, self.b3)
-        w1, b1, w2, b2, w3, b3 = (None if w is None else w.to(dtype) for w in ws)
+        w1, b1, w2, b2, w3, b3 = (w if w is None or w.dtype == dtype else w.to(dtype) for w in ws)
         assert w1 is not None and w2 is not None  # every bank has both projections
         return ExpertWeights(w1, b1, w2, b2, w3, b3)
 
@@ -281,20 +333,13 @@ class Experts(nn.Module):
             # Without autograd w1[e] is a view of the touched expert alone, which costs nothing per
             # untouched expert (at one token and E = 64 the views were a fifth of the layer's time).
             ws = tuple(None if w is None else w.unbind(0) for w in ws)
-        w1, b1, w2, b2, w3, b3 = ws
-        assert w1 is not None and w2 is not None
         # With no rows at all, expert 0 still runs on the empty input: the [0, D] output then
         # belongs to the autograd graph of the input and the weights, as with rows. Under expert
         # parallelism a rank whose experts receive no token must still take part in the backward
         # all-to-alls, which run only for outputs in the graph.
         live = [e for e, n in enumerate(counts) if n > 0] or [0]
         starts = list(itertools.accumulate(counts, initial=0))
-        outs = []
-        for e in live:
-            x_e = x_ND[starts[e]:starts[e + 1]]
-            up = None if w3 is None else linear(x_e, w3[e], None if b3 is None else b3[e])
-            h = self.hidden(linear(x_e, w1[e], None if b1 is None else b1[e]), up)
-            outs.append(linear(h, w2[e], None if b2 is None else b2[e]))
+        outs = [self._expert_rows(ws, e, x_ND[starts[e]:starts[e + 1]]) for e in live]
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def forward_rows(self, x_RD: torch.Tensor, plan: GroupPlan) -> torch.Tensor:

@@ -175,19 +175,31 @@ def _weight_grad(buffers: tuple[GradientBuffers, str] | None, name: str, w: torc
     return bank.empty_like(prefix + name, w)
 
 
+def _linear_groups(x_RI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor | None,
+                   groups: list[Group]) -> torch.Tensor:
+    """The forward of ``grouped_linear`` on a contiguous ``x_RI``. Returns [R, O]."""
+    y_RO = x_RI.new_empty(x_RI.shape[0], w_EIO.shape[-1])
+    for g in groups:
+        if g.cap == 0:
+            continue
+        x_GCI, y_GCO, w_GIO = _blocks(x_RI, g), _blocks(y_RO, g), w_EIO[g.start:g.end]
+        if b_EO is None:
+            torch.bmm(x_GCI, w_GIO, out=y_GCO)
+        else:
+            torch.baddbmm(b_EO[g.start:g.end, None, :], x_GCI, w_GIO, out=y_GCO)
+    return y_RO
+
+
+def _needs_graph(*tensors: torch.Tensor | None) -> bool:
+    """Whether an autograd graph must be recorded: grad mode on and some input requiring grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RI, w_EIO, b_EO, groups, buffers):
         x_RI = x_RI.contiguous()
-        y_RO = x_RI.new_empty(x_RI.shape[0], w_EIO.shape[-1])
-        for g in groups:
-            if g.cap == 0:
-                continue
-            x_GCI, y_GCO, w_GIO = _blocks(x_RI, g), _blocks(y_RO, g), w_EIO[g.start:g.end]
-            if b_EO is None:
-                torch.bmm(x_GCI, w_GIO, out=y_GCO)
-            else:
-                torch.baddbmm(b_EO[g.start:g.end, None, :], x_GCI, w_GIO, out=y_GCO)
+        y_RO = _linear_groups(x_RI, w_EIO, b_EO, groups)
         ctx.save_for_backward(x_RI, w_EIO)
         ctx.groups, ctx.has_bias, ctx.buffers = groups, b_EO is not None, buffers
         return y_RO
@@ -226,7 +238,25 @@ def grouped_linear(x_RI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor |
     """
     if x_RI.shape[0] != plan.rows:
         raise ValueError(f"x has {x_RI.shape[0]} rows; the plan lays out {plan.rows}")
+    if not _needs_graph(x_RI, w_EIO, b_EO):  # the same computation, without autograd's bookkeeping
+        return _linear_groups(x_RI.contiguous(), w_EIO, b_EO, plan.groups)
     return _GroupedLinear.apply(x_RI, w_EIO, b_EO, plan.groups, buffers)
+
+
+def _relu_mlp_groups(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tensor, w2_EFD: torch.Tensor,
+                     b2_ED: torch.Tensor, groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of ``grouped_relu_mlp`` on a contiguous ``x_RD``: (y [R, D], the hidden h [R, F])."""
+    h_RF = x_RD.new_empty(x_RD.shape[0], w1_EDF.shape[-1])
+    y_RD = x_RD.new_empty(x_RD.shape[0], w2_EFD.shape[-1])
+    for g in groups:
+        if g.cap == 0:
+            continue
+        s, e = g.start, g.end
+        h_GCF = _blocks(h_RF, g)
+        torch.baddbmm(b1_EF[s:e, None, :], _blocks(x_RD, g), w1_EDF[s:e], out=h_GCF)
+        h_GCF.relu_()
+        torch.baddbmm(b2_ED[s:e, None, :], h_GCF, w2_EFD[s:e], out=_blocks(y_RD, g))
+    return y_RD, h_RF
 
 
 class _GroupedReluMLP(torch.autograd.Function):
@@ -238,16 +268,7 @@ class _GroupedReluMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED, groups, buffers):
         x_RD = x_RD.contiguous()
-        h_RF = x_RD.new_empty(x_RD.shape[0], w1_EDF.shape[-1])
-        y_RD = x_RD.new_empty(x_RD.shape[0], w2_EFD.shape[-1])
-        for g in groups:
-            if g.cap == 0:
-                continue
-            s, e = g.start, g.end
-            h_GCF = _blocks(h_RF, g)
-            torch.baddbmm(b1_EF[s:e, None, :], _blocks(x_RD, g), w1_EDF[s:e], out=h_GCF)
-            h_GCF.relu_()
-            torch.baddbmm(b2_ED[s:e, None, :], h_GCF, w2_EFD[s:e], out=_blocks(y_RD, g))
+        y_RD, h_RF = _relu_mlp_groups(x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED, groups)
         ctx.save_for_backward(x_RD, w1_EDF, w2_EFD, h_RF)
         ctx.groups, ctx.buffers = groups, buffers
         return y_RD
@@ -301,4 +322,6 @@ def grouped_relu_mlp(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tens
     """
     if x_RD.shape[0] != plan.rows:
         raise ValueError(f"x has {x_RD.shape[0]} rows; the plan lays out {plan.rows}")
+    if not _needs_graph(x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED):
+        return _relu_mlp_groups(x_RD.contiguous(), w1_EDF, b1_EF, w2_EFD, b2_ED, plan.groups)[0]
     return _GroupedReluMLP.apply(x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED, plan.groups, buffers)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moekit.hf._compat import require_attribute
 from moekit.hf.families import BY_NAME, Family
 from moekit.layer import MoE
 from moekit.types import RoutingStats
@@ -27,6 +28,19 @@ class RouterLogitsTap(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
+
+
+def logits_collected() -> bool:
+    """Whether transformers collects router logits in the forward under way (``output_router_logits``).
+
+    Reads the collector that transformers' output-capturing hooks append to; True whenever that
+    cannot be told (a transformers without it, or tracing for torch.compile).
+    """
+    collector = getattr(require_attribute("transformers.utils", "output_capturing"), "_active_collector", None)
+    if collector is None or torch.compiler.is_compiling():
+        return True
+    active = collector.get()
+    return active is not None and "router_logits" in active
 
 
 def detached(stats: RoutingStats) -> RoutingStats:
@@ -71,6 +85,12 @@ class MoEBlock(nn.Module):
             return router.logits(x_TD)
         return x_TD.float() @ router.w_gate.float()  # the switch router
 
+    def logits_wanted(self) -> bool:
+        """Whether this forward's router logits have a reader: transformers collecting them, or a
+        hook of anyone else's on ``router_logits_tap`` (beyond the capturing hook)."""
+        tap = self.router_logits_tap
+        return logits_collected() or len(tap._forward_hooks) > 1 or bool(tap._forward_pre_hooks)
+
     def forward(self, hidden_states: torch.Tensor):
         """``hidden_states`` [B, S, D] -> what the replaced block returns (see ``Family.returns``)."""
         spec, x = self.spec, hidden_states
@@ -79,6 +99,8 @@ class MoEBlock(nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         out = self.moe(x)
         self.last_stats, self.last_aux_loss = detached(out.stats), out.aux_loss
+        if spec.returns == "tensor" and not self.logits_wanted():
+            return out.y  # nobody reads the logits: not computed (a tenth of the block at one token)
         logits_TE = self.router_logits(x.reshape(-1, x.shape[-1]))
         emitted = logits_TE if spec.logits_float32 else logits_TE.to(x.dtype)
         if spec.logits_per_sequence:

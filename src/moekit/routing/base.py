@@ -84,12 +84,16 @@ def check_router_input(x_TD: torch.Tensor, mask_T: torch.Tensor | None, dim: int
             raise TypeError(f"mask must be a bool tensor, got {getattr(mask_T, 'dtype', type(mask_T))}")
         if mask_T.shape != x_TD.shape[:1]:
             raise ValueError(f"mask shape {tuple(mask_T.shape)} does not match tokens {tuple(x_TD.shape[:1])}")
-    # A NaN logit makes top-k order undefined and silently poisons every expert's gradient;
-    # fail loudly instead. Skipped while tracing for torch.compile (data-dependent branch). A NaN
-    # or Inf anywhere makes the sum non-finite, so one reduction (in float32: a sum in a narrower
-    # type can overflow by itself) clears the usual case; only then is the input searched.
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(x_TD.sum(dtype=torch.float32))) \
-            and not bool(torch.isfinite(x_TD).all()):
+
+
+def check_input_values(x_TD: torch.Tensor) -> None:
+    """``ValueError`` naming the first NaN or Inf of a router's input.
+
+    A NaN logit makes top-k order undefined and silently poisons every expert's gradient: the
+    router fails loudly instead (``check_routing_values`` runs this only when its one sum is not
+    finite).
+    """
+    if not bool(torch.isfinite(x_TD).all()):
         bad = (~torch.isfinite(x_TD)).nonzero()[0].tolist()
         raise ValueError(f"router input holds NaN or Inf (first at index {bad}, value {x_TD[tuple(bad)].item()})")
 
@@ -98,8 +102,7 @@ def check_routing_finite(router: nn.Module, routing: Routing, x_TD: torch.Tensor
     """``ValueError`` when finite input gave a non-finite balancing loss or gate.
 
     Input large enough for the gate logits to overflow (e.g. 1e38 in float32) turns softmaxes and
-    the z-loss into Inf/NaN, which would train silently on a broken loss. One sum holds both checks
-    (any Inf or NaN in it makes it non-finite), so this costs a single device sync.
+    the z-loss into Inf/NaN, which would train silently on a broken loss.
     """
     total = routing.aux_loss.detach().float() + routing.stats.importance.detach().float().sum()
     if bool(torch.isfinite(total)):
@@ -108,6 +111,22 @@ def check_routing_finite(router: nn.Module, routing: Routing, x_TD: torch.Tensor
     raise ValueError(f"{type(router).__name__}: finite input (largest |x| = {largest:.3g}) gave a non-finite "
                      f"routing (aux_loss={routing.aux_loss.item()}): its gate logits overflow "
                      f"{routing.weights.dtype}; scale the router input down (e.g. normalise it)")
+
+
+def check_routing_values(router: nn.Module, routing: Routing, x_TD: torch.Tensor) -> None:
+    """``check_input_values``, then ``check_routing_finite``, for the price of one sum and one sync.
+
+    A NaN or Inf in the input, the balancing loss or the importance makes one float32 sum of the
+    three non-finite (float32: a sum in a narrower type can overflow by itself), so a finite sum
+    clears the usual case; only a non-finite one runs the two checks, which name the culprit (a
+    finite input whose sum alone overflows passes both).
+    """
+    total = (x_TD.detach().sum(dtype=torch.float32) + routing.aux_loss.detach().float()
+             + routing.stats.importance.detach().float().sum())
+    if bool(torch.isfinite(total)):
+        return
+    check_input_values(x_TD)
+    check_routing_finite(router, routing, x_TD)
 
 
 def token_weights(mask_T: torch.Tensor | None) -> torch.Tensor | None:
@@ -165,8 +184,10 @@ class Router(nn.Module):
         local = self.local_routing(x_TD, mask_T)
         summed = self.shards.sum_many(*local.sums.values())
         routing = self.finish(local, dict(zip(local.sums, summed, strict=True)))
+        # The values are checked once the routing is made: the input and the routing for one sum
+        # and one sync. Skipped while tracing for torch.compile (data-dependent branch).
         if not torch.compiler.is_compiling():
-            check_routing_finite(self, routing, x_TD)
+            check_routing_values(self, routing, x_TD)
         return routing
 
     def local_routing(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,

@@ -84,3 +84,68 @@ def test_the_bank_tells_the_backend_choice_whether_a_backward_follows(monkeypatc
     moe(x)
     moe(x.requires_grad_())
     assert seen == [True, False, False, False, True]
+
+
+def _routed(num_experts, k, tokens, activation, bias, dtype, seed=0):
+    """A bank, its input, and a top-k routing with one empty slot (as a padding token leaves)."""
+    torch.manual_seed(seed)
+    moe = moekit.MoE(16, num_experts, k, 24, router="topk", activation=activation, bias=bias).to(dtype).eval()
+    x = torch.randn(tokens, 16, dtype=dtype)
+    with torch.no_grad():
+        routing = moe.route(x, None)
+    indices = routing.indices.clone()
+    if tokens > 1:
+        indices[0, 0] = -1
+    return moe.experts, x, indices, routing.weights
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu", "clamped_swiglu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_experts,k,tokens", [(4, 1, 1), (8, 2, 1), (8, 4, 1), (4, 2, 2), (8, 4, 3), (2, 2, 6)])
+def test_forward_few_equals_the_sorted_path_bit_for_bit(activation, bias, dtype, num_experts, k, tokens):
+    from moekit.dispatch.sort import sort_by_expert
+
+    experts, x, indices, weights = _routed(num_experts, k, tokens, activation, bias, dtype)
+    with torch.no_grad():
+        want = experts.forward_tokens(x, sort_by_expert(indices, num_experts), weights)
+        got = experts.forward_few(x, indices, weights)
+    # Several rows for one expert (tokens > 1), several outputs for one token (k > 1), bfloat16's
+    # float32 accumulation: all as the sorted combine does them.
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_forward_few_is_taken_only_for_a_few_tokens_without_a_backward():
+    from moekit.experts.bank import FEW_TOKENS
+
+    experts, x, indices, _ = _routed(8, 2, FEW_TOKENS, "relu", True, torch.float32)
+    with torch.no_grad():
+        assert experts.takes_few(x, indices)
+        assert not experts.takes_few(torch.cat([x, x]), torch.cat([indices, indices]))  # more tokens: the sort
+        experts.backend = "bmm"
+        assert not experts.takes_few(x, indices)  # a forced backend is kept
+        experts.backend = "loop"
+        assert experts.takes_few(x, indices)
+    assert not experts.takes_few(x, indices)  # a backward may follow: the weights require grad
+
+
+def test_a_layer_at_one_token_takes_the_few_path_and_gives_what_the_sort_gives(monkeypatch):
+    import moekit.experts.bank as bank
+
+    moe = moekit.MoE(16, 8, 2, 24, router="topk", activation="swiglu", bias=False).eval()
+    x = torch.randn(1, 1, 16)
+    calls = []
+    real = bank.Experts.forward_few
+    monkeypatch.setattr(bank.Experts, "forward_few", lambda self, *a: calls.append(1) or real(self, *a))
+    with torch.no_grad():
+        few = moe(x)
+        monkeypatch.setattr(bank, "FEW_TOKENS", 0)
+        sorted_ = moe(x)
+    assert calls == [1]
+    assert torch.equal(few.y, sorted_.y) and torch.equal(few.stats.counts, sorted_.stats.counts)
+
+
+def test_forward_few_refuses_an_expert_index_out_of_range():
+    experts, x, indices, weights = _routed(4, 2, 1, "relu", True, torch.float32)
+    with torch.no_grad(), pytest.raises(ValueError, match="expert index 4 is out of range for 4 experts"):
+        experts.forward_few(x, torch.tensor([[1, 4]]), weights)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moekit.experts.grouped import MAX_GROUP, group_cost, grouped_linear, plan_groups
+from moekit.experts.grouped import MAX_GROUP, group_cost, grouped_linear, grouped_relu_mlp, plan_groups
 
 
 def _cost(bounds, counts, threads):
@@ -184,3 +184,24 @@ def test_gradients_still_held_are_never_overwritten():
     experts.zero_grad(set_to_none=True)
     experts.forward_tokens(x * 3, perm, w).pow(2).sum().backward()
     assert torch.equal(kept, snapshot)
+
+
+@pytest.mark.parametrize("relu_mlp", [False, True])
+def test_without_a_graph_the_kernels_skip_autograd_and_give_the_same_values(relu_mlp):
+    torch.manual_seed(0)
+    counts = [3, 0, 5, 2]
+    plan = plan_groups(counts, threads=2)
+    x = torch.randn(plan.rows, 8)
+    w1, b1 = torch.randn(4, 8, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    w2, b2 = torch.randn(4, 6, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+
+    def run():
+        if relu_mlp:
+            return grouped_relu_mlp(x, w1, b1, w2, b2, plan)
+        return grouped_linear(x, w1, b1, plan)
+
+    with_graph = run()
+    with torch.no_grad():
+        without = run()
+    assert with_graph.grad_fn is not None and without.grad_fn is None
+    assert torch.equal(with_graph.detach(), without)

@@ -223,3 +223,26 @@ def test_family_lookup_is_by_exact_class():
     torch.nn.Module.__init__(derived)
     with pytest.raises(TypeError, match="Derived"):
         family_of(derived)
+
+
+def test_router_logits_are_computed_only_when_something_reads_them(monkeypatch):
+    """A Mixtral block returns its output alone: its router logits are computed for transformers'
+    collector (``output_router_logits``) or for a hook on the tap, and are skipped otherwise."""
+    model = hm.build("mixtral").eval()
+    replace_moe_blocks(model)
+    block = next(m for m in model.modules() if isinstance(m, MoEBlock))
+    calls = []
+    real = MoEBlock.router_logits
+    monkeypatch.setattr(MoEBlock, "router_logits", lambda self, x: calls.append(1) or real(self, x))
+    ids, mask, labels = hm.batch("mixtral")
+    with torch.no_grad():
+        plain = hm.run(model, "mixtral", ids, mask, labels).logits
+        assert calls == []
+        collected = hm.run(model, "mixtral", ids, mask, labels, output_router_logits=True)
+        assert len(calls) == 2 and len(hm.router_logits(collected, "mixtral")) == 2
+        assert torch.equal(collected.logits, plain)  # the same forward either way
+        seen = []
+        handle = block.router_logits_tap.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+        hm.run(model, "mixtral", ids, mask, labels)
+        handle.remove()
+    assert len(calls) == 3 and seen == [(ids.numel(), 4)]

@@ -69,3 +69,22 @@ def test_input_that_overflows_the_gate_is_refused_not_turned_into_an_inf_loss():
     with pytest.raises(ValueError, match=r"SwitchRouter: finite input \(largest \|x\| = 1e\+38\) gave a non-finite"):
         r(torch.full((3, 8), 1e38))
     r(torch.full((3, 8), 1e3))  # large but representable logits are fine
+
+
+def test_a_finite_input_whose_sum_overflows_is_accepted():
+    # Every value is a finite float32, so the input is valid; only the one-sum check overflows,
+    # and the element-wise checks it falls back on pass (the zero gate keeps the logits finite).
+    r = moekit.build_router("noisy_topk", 8, 4, 2)
+    x = torch.full((3, 8), 3e38)
+    assert not torch.isfinite(x.sum())
+    routing = r(x)
+    assert torch.isfinite(routing.aux_loss) and routing.stats.counts.sum() == 6
+
+
+@pytest.mark.parametrize("name", ALL_ROUTERS)
+def test_an_inf_is_named_by_every_router(name):
+    r = moekit.build_router(name, 8, 4, 2)
+    bad = torch.randn(5, 8)
+    bad[4, 7] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or Inf \(first at index \[4, 7\], value inf\)"):
+        r(bad)
