@@ -10,7 +10,9 @@ Candidates (all float32, on the CPU, timed interleaved: medians of rounds, ``moe
   skipped where that would take more than ``--gather-budget-gb``);
 - ``hf+moekit-experts``: transformers' block, its own router, moekit's expert compute
   (``experts_implementation="moekit"``, registered by ``moekit.hf``);
-- ``moekit``: the block replaced by ``moekit.hf.from_hf`` (moekit's router and dispatch too).
+- ``moekit``: the block replaced by ``moekit.hf.from_hf`` (moekit's router and dispatch too);
+- ``moekit-serving`` (generation): the same, its layers built to serve, without routing statistics
+  (``moekit.MoE.routing_stats = False``: no balancing losses or load counts in eval mode).
 
 1. One block (D=512, F=1024, k=2, SwiGLU: a Mixtral block) at T = 16 and 4096 tokens and E = 8
    and 64, forward (no autograd) and forward+backward.
@@ -116,6 +118,11 @@ def generation_candidates(cfg: dict, experts: int, budget_bytes: float) -> dict[
     replaced = copy.deepcopy(base)
     moekit.hf.replace_moe_blocks(replaced)
     models["moekit"] = replaced
+    serving = copy.deepcopy(replaced)
+    for module in serving.modules():
+        if isinstance(module, moekit.MoE):
+            module.routing_stats = False
+    models["moekit-serving"] = serving
     return models
 
 
@@ -158,10 +165,10 @@ def markdown(block_rows: list[dict], gen_rows: list[dict], cfg: dict, meta: dict
     lines += ["", f"Greedy generation, Mixtral-shaped model ({cfg['layers']} layers, D={cfg['dim']}, vocabulary "
                   f"{cfg['vocab']}), prompt {cfg['prompt']}, {cfg['new_tokens']} new tokens: tokens per second "
                   "(and whether the tokens equal hf-eager's).", "",
-              "| E | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+              "| E | " + " | ".join(names + ["moekit-serving"]) + " |", "|---:|" + "---:|" * (len(names) + 1)]
     for r in gen_rows:
         cells = [f"{r['tokens_per_s'][n]:.1f} ({'same' if r['same_tokens_as_eager'][n] else 'DIFFERENT'})"
-                 if n in r["tokens_per_s"] else "-" for n in names]
+                 if n in r["tokens_per_s"] else "-" for n in names + ["moekit-serving"]]
         lines.append(f"| {r['experts']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -171,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up round")
     p.add_argument("--gather-budget-gb", type=float, default=2.0, help="skip batched_mm above this gather size")
-    p.add_argument("--quick", action="store_true", help="tiny shapes: checks the benchmark runs, measures nothing")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes: checks the benchmark runs, measures nothing (results saved only with --out)")
     p.add_argument("--out", type=Path, help="results directory (default: benchmarks/results)")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--skip-block", action="store_true", help="generation only (moekit bench times the blocks too)")
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_1min": [load_before, os.getloadavg()[0]]}
     table = markdown(block_rows, gen_rows, cfg, meta)
     print(table)
-    if not args.no_save:
+    if not args.no_save and not (args.quick and args.out is None):  # a check run keeps the results as they are
         tag = machine_tag("cpu")
         path = results_path(args.out or Path(__file__).resolve().parent / "results", "hf", tag)
         write_json(path, {"tag": tag, "meta": meta, "config": cfg, "block": block_rows, "generation": gen_rows})

@@ -16,7 +16,7 @@ from moekit.routing import build_router
 from moekit.routing.hierarchical import HierarchicalRouter
 from moekit.routing.losses import hard_counts
 from moekit.shards import LOCAL_SHARDS, BatchShards
-from moekit.types import MoEOutput, Routing
+from moekit.types import MoEOutput, Routing, RoutingStats
 
 
 def check_layer_input(x: torch.Tensor, mask: torch.Tensor | None, dim: int) -> None:
@@ -53,20 +53,21 @@ def dispatch(layer: MoE, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_T
 
 
 @torch.compiler.disable
-def _dispatch_and_count(layer: MoE, x_TD: torch.Tensor, routing: Routing, mask_T: torch.Tensor | None,
-                        seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _dispatch_and_count(layer: MoE, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
+                        counts_E: torch.Tensor | None, mask_T: torch.Tensor | None,
+                        seq_len: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Capacity, dispatch and counts: (y [T, D], counts [E] and dropped slots over the whole batch).
 
-    Without a capacity every routed slot is computed: the router's counts (already over the whole
-    batch) are the experts' counts, and no collective is needed for them.
+    ``counts_E`` are the router's counts (already over the whole batch), or None when no statistics
+    are kept: then no counts are made (None, 0). Without a capacity every routed slot is computed:
+    the router's counts are the experts' counts, and no collective is needed for them.
 
     Left to eager under torch.compile: capacities, segment sizes and the dropped count are data (a
     trace per batch otherwise), and the dispatch is a few large matmuls and gathers that compiling
     cannot speed up; the router before it compiles.
     """
-    indices_TK, weights_TK = routing.indices, routing.weights
     if layer.capacity_factor is None and layer.sequence_capacity is None:
-        return dispatch(layer, x_TD, indices_TK, weights_TK), routing.stats.counts, 0
+        return dispatch(layer, x_TD, indices_TK, weights_TK), counts_E, 0
     if layer.sequence_capacity is not None:
         keep_TK = layer.keep_within_sequence_capacity(indices_TK, weights_TK, seq_len)
     else:
@@ -75,6 +76,8 @@ def _dispatch_and_count(layer: MoE, x_TD: torch.Tensor, routing: Routing, mask_T
     indices_TK = torch.where(keep_TK, indices_TK, -1)
     weights_TK = weights_TK * keep_TK
     y_TD = dispatch(layer, x_TD, indices_TK, weights_TK)
+    if counts_E is None:
+        return y_TD, None, 0
     # Counts and dropped in one tensor: a single reduction when the batch is sharded.
     totals = layer.shards.sum(torch.cat([hard_counts(indices_TK, layer.num_experts), dropped.reshape(1)]))
     return y_TD, totals[:-1], int(totals[-1])
@@ -154,6 +157,9 @@ class MoE(nn.Module):
             rest are dropped. Needs an input of at least 3 dimensions; excludes ``capacity_factor``.
             Padding tokens claim no place (HF's block has no mask and counts every position).
         activation_kwargs: the activation's settings ("clamped_swiglu": ``alpha``, ``limit``).
+        routing_stats: False makes an eval-mode forward skip the routing statistics and the
+            balancing losses, as serving wants: ``stats`` is then None and ``aux_loss`` 0, and the
+            output is unchanged. Training mode always keeps them. Settable after construction.
 
     Shapes: ``x`` [..., D], ``mask`` [...] bool (True = real token) -> ``MoEOutput(y [..., D], aux_loss [],
     stats)``. Padding tokens are ignored by routing, losses and stats, and their output is 0 (the
@@ -167,9 +173,11 @@ class MoE(nn.Module):
                  expert_backend: str = "auto", capacity_multiple: int = 1, shared_experts: int = 0,
                  shared_hidden_dim: int | None = None, shared_gate: bool = False, bias: bool = True,
                  gate_input: bool = False, sequence_capacity: int | None = None,
-                 activation_kwargs: dict | None = None, device=None, dtype=None):
+                 activation_kwargs: dict | None = None, routing_stats: bool = True, device=None, dtype=None):
         super().__init__()
         hidden_dim = 4 * dim if hidden_dim is None else hidden_dim
+        if not isinstance(routing_stats, bool):
+            raise TypeError(f"routing_stats must be a bool, got {routing_stats!r}")
         _check_options(capacity_factor, capacity_multiple, shared_experts, shared_hidden_dim, shared_gate,
                        sequence_capacity, gate_input, batch_prioritized, activation_kwargs)
         if isinstance(router, str):
@@ -182,7 +190,7 @@ class MoE(nn.Module):
         self.dim, self.num_experts, self.k = dim, num_experts, k
         self.capacity_factor, self.batch_prioritized = capacity_factor, batch_prioritized
         self.capacity_multiple, self.sequence_capacity = capacity_multiple, sequence_capacity
-        self.gate_input = gate_input
+        self.gate_input, self.routing_stats = gate_input, routing_stats
         self.router = router
         expert_kw = {"bias": bias, "activation_kwargs": activation_kwargs, "device": device, "dtype": dtype}
         self.experts = Experts(num_experts, dim, hidden_dim, activation, expert_backend, **expert_kw)
@@ -210,13 +218,30 @@ class MoE(nn.Module):
                              f"3 dimensions, got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.dim)
         mask_T = None if mask is None else mask.reshape(-1)
-        routing = self.route(x_TD, mask_T)
         seq_len = x.shape[-2] if x.dim() >= 3 else x_TD.shape[0]
-        y_TD, counts_E, num_dropped = _dispatch_and_count(self, x_TD, routing, mask_T, seq_len)
+        stats: RoutingStats | None = None
+        if self.training or self.routing_stats:
+            routing = self.route(x_TD, mask_T)
+            y_TD, counts_E, num_dropped = _dispatch_and_count(self, x_TD, routing.indices, routing.weights,
+                                                              routing.stats.counts, mask_T, seq_len)
+            stats, aux_loss = routing.stats._replace(counts=counts_E, dropped=num_dropped), routing.aux_loss
+        else:
+            indices_TK, weights_TK = self.decide(x_TD, mask_T)
+            y_TD = _dispatch_and_count(self, x_TD, indices_TK, weights_TK, None, mask_T, seq_len)[0]
+            aux_loss = torch.zeros((), device=x.device)
         if self.shared is not None:
             y_TD = y_TD + self.shared_output(x_TD, mask_T)
-        stats = routing.stats._replace(counts=counts_E, dropped=num_dropped)
-        return MoEOutput(y_TD.reshape(x.shape).to(x.dtype), routing.aux_loss, stats)
+        return MoEOutput(y_TD.reshape(x.shape).to(x.dtype), aux_loss, stats)
+
+    def decide(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's decision without statistics (``Router.decide``), in float32 like ``route``;
+        a router module of the caller's own without ``decide`` routes in full."""
+        decide = getattr(self.router, "decide", None)
+        if decide is None:
+            routing = self.route(x_TD, mask_T)
+            return routing.indices, routing.weights
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return decide(x_TD, mask_T)
 
     def shared_output(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
         """[T, D] the shared experts on the real tokens, 0 on padding (computed on real rows only)."""

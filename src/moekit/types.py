@@ -55,9 +55,10 @@ class MoEOutput(NamedTuple):
     Attributes:
         y: same shape and dtype as the input.
         aux_loss: scalar, the weighted sum of the balancing losses (add it to the task loss).
-        stats: RoutingStats over all experts of the layer.
+        stats: RoutingStats over all experts of the layer; None for an eval-mode forward of a layer
+            built with ``routing_stats=False``.
     """
 
     y: torch.Tensor
     aux_loss: torch.Tensor
-    stats: RoutingStats
+    stats: RoutingStats | None

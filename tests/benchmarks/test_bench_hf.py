@@ -43,7 +43,7 @@ def test_quick_benchmark_writes_markdown_and_json(tmp_path, capsys):
         assert set(row["median_s"]) == names and all(v > 0 for v in row["median_s"].values())
     assert [r["experts"] for r in data["generation"]] == [4, 8]
     for row in data["generation"]:
-        assert set(row["tokens_per_s"]) == names
+        assert set(row["tokens_per_s"]) == names | {"moekit-serving"}
         # Every implementation generates the tokens transformers' eager one does.
         assert all(row["same_tokens_as_eager"].values()), row["same_tokens_as_eager"]
     assert path.with_suffix(".md").read_text().strip() == table.split("\nresults:")[0].strip()

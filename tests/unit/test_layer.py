@@ -275,3 +275,67 @@ def test_a_layer_on_the_meta_device_is_built_but_not_run():
         moekit.MoE(8, 4, 2, 16)(torch.randn(3, 8, device="meta"))
     moe.to_empty(device="cpu")  # materialised, it runs
     assert moe(torch.randn(3, 8)).y.shape == (3, 8)
+
+
+ROUTING_STATS_CASES = [
+    {"router": "noisy_topk"},
+    {"router": "topk", "activation": "swiglu", "bias": False},
+    {"router": "topk", "router_kwargs": {"score": "sigmoid", "num_groups": 4, "topk_groups": 2, "expert_bias": True,
+                                         "scale": 2.5}, "shared_experts": 1},
+    {"router": "switch", "k": 1, "capacity_factor": 1.0},
+    {"router": "batchwise"},
+    {"router": "vmoe", "capacity_factor": 1.25, "batch_prioritized": True},
+    {"router": "expert_choice"},
+    {"router": "topk", "sequence_capacity": 3},
+    {"router": "topk", "gate_input": True, "activation": "relu", "bias": False},
+]
+
+
+@pytest.mark.parametrize("kwargs", ROUTING_STATS_CASES)
+@pytest.mark.parametrize("tokens", [1, 2, 13])
+def test_without_routing_stats_an_eval_forward_gives_the_same_output(kwargs, tokens):
+    kwargs = {"k": 2, **kwargs}
+    torch.manual_seed(0)
+    moe = moekit.MoE(16, 8, hidden_dim=24, **kwargs).eval()
+    x = torch.randn(1, tokens, 16)
+    mask = torch.ones(1, tokens, dtype=torch.bool)
+    mask[0, -1] = tokens < 2  # a padding token, where there are several
+    with torch.no_grad():
+        full = moe(x, mask)
+        moe.routing_stats = False
+        lean = moe(x, mask)
+    assert lean.stats is None and lean.aux_loss.item() == 0.0
+    assert full.stats is not None
+    assert torch.equal(lean.y, full.y)
+
+
+def test_routing_stats_are_always_kept_in_training_and_checked_in_eval():
+    moe = moekit.MoE(8, 4, 2, 12, router="topk", routing_stats=False)
+    out = moe(torch.randn(5, 8))  # training mode: the balancing losses are needed
+    assert out.stats is not None and out.aux_loss.item() > 0
+    moe.eval()
+    with pytest.raises(ValueError, match=r"NaN or Inf \(first at index \[2, 3\]"):
+        bad = torch.randn(5, 8)
+        bad[2, 3] = float("nan")
+        moe(bad)
+    with torch.no_grad():
+        moe.router.w_gate.fill_(1.0)
+    with pytest.raises(ValueError, match="gave non-finite combine weights"):
+        moe(torch.full((3, 8), 1e38))
+    with pytest.raises(TypeError, match="routing_stats must be a bool"):
+        moekit.MoE(8, 4, 2, 12, routing_stats=1)
+
+
+def test_a_router_of_ones_own_without_decide_still_serves_without_stats():
+    class OwnRouter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = moekit.build_router("topk", 8, 4, 2)
+
+        def forward(self, x_TD, mask_T=None):
+            return self.inner(x_TD, mask_T)
+
+    moe = moekit.MoE(8, 4, 2, 12, router=OwnRouter(), routing_stats=False).eval()
+    with torch.no_grad():
+        out = moe(torch.randn(3, 8))
+    assert out.stats is None and out.y.shape == (3, 8)

@@ -8,6 +8,7 @@ limit is a dense FFN applied to T*k tokens (the same active FLOPs); speedup(b) =
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -72,7 +73,7 @@ def default_cases(quick: bool) -> list[Case]:
     # dense SwiGLU limit, small ones against the memory roofline; transformers' implementations beside.
     mix = Case(tokens=4096, k=2, activation="swiglu", bias=False, router="topk", hf=hf.available())
     cases += [replace(mix, experts=e, backward=b) for e in (8, 64) for b in (False, True)]
-    cases += [replace(mix, tokens=t, experts=e, backward=False, roofline=True, hf=mix.hf and t == 16)
+    cases += [replace(mix, tokens=t, experts=e, backward=False, roofline=True)
               for t in (1, 4, 16, 64) for e in (8, 64)]
     cases += [replace(mix, tokens=16, experts=e) for e in (8, 64)]
     return cases
@@ -91,6 +92,10 @@ def _build(case: Case, device: str):
     limit = DenseFFN(case.dim, case.hidden, dtype=dtype, activation=case.activation, bias=case.bias)
     models: dict[str, Any] = {"moekit": moe, "limit": limit.to(device)}
     models.update({name: block.to(device) for name, block in hf_blocks.items()})
+    if case.roofline and not case.backward:  # serving: the same layer (same weights) without statistics
+        serving: Any = copy.copy(moe)
+        serving.routing_stats = False
+        models["moekit_serving"] = serving
     if case.compile:
         models["compiled"] = torch.compile(moe)
     for name in case.baselines:
@@ -135,6 +140,9 @@ def run_case(case: Case, device: str, repeats: int) -> dict:
            "efficiency": t["limit"] / t["moekit"],
            "speedup": {b: t[b] / t["moekit"] for b in case.baselines},
            "hf_speedup": {n: t[n] / t["moekit"] for n in t if n.startswith("hf_")}}
+    if "moekit_serving" in t:
+        row["serving"] = {"speedup": t["moekit"] / t["moekit_serving"],
+                          "hf_speedup": {n: t[n] / t["moekit_serving"] for n in t if n.startswith("hf_")}}
     if case.roofline:
         dtype = getattr(torch, case.dtype)
         bandwidth, rate = roofline.read_bandwidth(dtype), roofline.matmul_rate(dtype, dim=case.dim, hidden=case.hidden)
@@ -142,6 +150,8 @@ def run_case(case: Case, device: str, repeats: int) -> dict:
                            "touched_experts": roofline.touched_experts(models["moekit"], x),
                            "seconds": roofline.roofline_seconds(models["moekit"], x, bandwidth, rate)}
         row["roofline_ratio"] = t["moekit"] / row["roofline"]["seconds"]
+        if "serving" in row:
+            row["serving"]["roofline_ratio"] = t["moekit_serving"] / row["roofline"]["seconds"]
     if case.compile:
         row["compile_speedup"] = t["moekit"] / t["compiled"]
     if case.memory:
@@ -182,6 +192,18 @@ def markdown(rows: list[dict], scale: dict) -> str:
                      f"{'' if roof is None else f'{roof:.2f}'} | "
                      + " | ".join(sp) + f" | {'' if mem is None else f'{mem:.2f}'} | "
                      + (f"{r['compile_speedup']:.2f}x |" if "compile_speedup" in r else " |"))
+    served = [r for r in rows if "serving" in r]
+    if served:
+        lines += ["", "Serving without routing statistics (`routing_stats=False`, eval mode; same layer and weights):",
+                  "", "| configuration | ms | x vs with statistics | /roofline | "
+                  + " | ".join(f"x vs {b}" for b in hf_names) + " |", "|---" * (4 + len(hf_names)) + "|"]
+        for r in served:
+            sv = r["serving"]
+            roof = sv.get("roofline_ratio")
+            lines.append(f"| {r['name']} | {1e3 * r['median_s']['moekit_serving']:.2f} | {sv['speedup']:.2f}x | "
+                         f"{'' if roof is None else f'{roof:.2f}'} | "
+                         + " | ".join(f"{sv['hf_speedup'][b]:.2f}x" if b in sv["hf_speedup"] else "" for b in hf_names)
+                         + " |")
     if scale:
         lo, hi = scale["experts"]
         lines.append(f"\nScaling: t(E={hi}) / t(E={lo}) = {scale['ratio']:.2f}")

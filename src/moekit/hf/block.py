@@ -43,8 +43,11 @@ def logits_collected() -> bool:
     return active is not None and "router_logits" in active
 
 
-def detached(stats: RoutingStats) -> RoutingStats:
-    """The stats without their autograd graph (kept between forwards, they must not hold it alive)."""
+def detached(stats: RoutingStats | None) -> RoutingStats | None:
+    """The stats without their autograd graph (kept between forwards, they must not hold it alive);
+    None (a layer keeping no statistics, ``moekit.MoE(routing_stats=False)``) stays None."""
+    if stats is None:
+        return None
     return stats._replace(importance=stats.importance.detach(), load=stats.load.detach(),
                           losses={k: v.detach() for k, v in stats.losses.items()})
 
@@ -58,7 +61,8 @@ class MoEBlock(nn.Module):
         block_class: the qualified name of the transformers class it replaces.
         options: the ``moekit.MoE`` arguments it was built with (``to_hf`` checks a block against them).
         jitter_noise: the block's multiplicative input jitter in training (Mixtral, SwitchTransformers).
-        last_stats: the ``RoutingStats`` of the last forward (detached), or None before the first.
+        last_stats: the ``RoutingStats`` of the last forward (detached); None before the first, and
+            in eval mode when ``moe.routing_stats`` is False.
         last_aux_loss: moekit's balancing loss of the last forward, with its graph (0 unless the
             router's loss weights are set: the model computes its own from the router logits).
     """

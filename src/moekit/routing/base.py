@@ -129,6 +129,19 @@ def check_routing_values(router: nn.Module, routing: Routing, x_TD: torch.Tensor
     check_routing_finite(router, routing, x_TD)
 
 
+def check_decision_values(router: nn.Module, weights_TK: torch.Tensor, x_TD: torch.Tensor) -> None:
+    """``check_routing_values`` for a decision without statistics: the input and the combine weights."""
+    total = x_TD.detach().sum(dtype=torch.float32) + weights_TK.detach().float().sum()
+    if bool(torch.isfinite(total)):
+        return
+    check_input_values(x_TD)
+    if not bool(torch.isfinite(weights_TK.detach().float().sum())):
+        largest = x_TD.detach().abs().max().item() if x_TD.numel() else 0.0
+        raise ValueError(f"{type(router).__name__}: finite input (largest |x| = {largest:.3g}) gave non-finite "
+                         f"combine weights: its gate logits overflow {weights_TK.dtype}; scale the router "
+                         "input down (e.g. normalise it)")
+
+
 def token_weights(mask_T: torch.Tensor | None) -> torch.Tensor | None:
     """[T] float32 0/1 weights from a bool mask (None when every token is real)."""
     return None if mask_T is None else mask_T.to(torch.float32)
@@ -190,6 +203,20 @@ class Router(nn.Module):
             check_routing_values(self, routing, x_TD)
         return routing
 
+    def decide(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing decision alone, (indices [T, K], weights [T, K]), as ``forward`` makes it in eval
+        mode but without the statistics and balancing losses (and their collective): what serving needs."""
+        check_router_input(x_TD, mask_T, self.dim)
+        indices_TK, weights_TK = self.local_decision(x_TD, mask_T)
+        if not torch.compiler.is_compiling():
+            check_decision_values(self, weights_TK, x_TD)
+        return indices_TK, weights_TK
+
+    def local_decision(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, weights) of ``local_routing``, padding slots masked; routers override it to skip the sums."""
+        local = self.local_routing(x_TD, mask_T)
+        return local.indices, local.weights
+
     def local_routing(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
                       rows: tuple[int, int] | None = None) -> LocalRouting:
         """The routing of this shard's tokens and its sums.
@@ -242,14 +269,21 @@ def noisy_top_k(clean: torch.Tensor, noise_std: torch.Tensor | None, k: int,
     return TopK(top_idx[..., :k], gates, load_prob)
 
 
+def mask_slots(indices_TK: torch.Tensor, weights_TK: torch.Tensor,
+               weight_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots of padding tokens (``weight_T`` 0) emptied: index -1, weight 0."""
+    if weight_T is None:
+        return indices_TK, weights_TK
+    real_T1 = weight_T[:, None] > 0
+    indices_TK = torch.where(real_T1, indices_TK, torch.full_like(indices_TK, -1))
+    return indices_TK, weights_TK * weight_T[:, None].to(weights_TK.dtype)
+
+
 def routing_sums(indices_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, weight_T: torch.Tensor | None,
                  importance_E: torch.Tensor | None = None) -> LocalRouting:
     """Mask padding slots (index -1, weight 0), then this shard's per-expert "counts" and
     "importance" (the sum of the combine weights, unless given)."""
-    if weight_T is not None:
-        real_T1 = weight_T[:, None] > 0
-        indices_TK = torch.where(real_T1, indices_TK, torch.full_like(indices_TK, -1))
-        weights_TK = weights_TK * weight_T[:, None].to(weights_TK.dtype)
+    indices_TK, weights_TK = mask_slots(indices_TK, weights_TK, weight_T)
     if importance_E is None:
         importance_E = scatter_to_experts(indices_TK, weights_TK, num_experts)
     return LocalRouting(indices_TK, weights_TK, {"counts": hard_counts(indices_TK, num_experts),

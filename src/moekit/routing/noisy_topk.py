@@ -13,6 +13,7 @@ from moekit.routing.base import (
     LocalRouting,
     Router,
     check_coefficient,
+    mask_slots,
     masked_sum,
     noisy_top_k,
     register_router,
@@ -57,6 +58,12 @@ class NoisyTopKRouter(Router):
         if top.load_prob is not None:  # the smooth load of eq. 10, summed with the counts and importance
             local.sums["load"] = masked_sum(top.load_prob, weight_T)
         return local
+
+    def local_decision(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training:  # the noise is drawn for the whole batch: the full routing knows how
+            return super().local_decision(x_TD, mask_T)
+        top = noisy_top_k(x_TD.float() @ self.w_gate.float(), None, self.k)
+        return mask_slots(top.indices, top.gates, token_weights(mask_T))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, noise_epsilon={self.noise_epsilon}"

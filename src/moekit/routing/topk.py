@@ -35,6 +35,7 @@ from torch import nn
 from moekit.routing.base import (
     LocalRouting,
     Router,
+    mask_slots,
     noisy_top_k,
     register_router,
     routing_from_sums,
@@ -166,12 +167,15 @@ class TopKRouter(Router):
             gates_TK = gates_TK / (gates_TK.sum(-1, keepdim=True) + NORMALIZE_EPS)
         return indices_TK, gates_TK
 
-    def local_routing(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
-                      rows: tuple[int, int] | None = None) -> LocalRouting:
+    def local_decision(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         indices_TK, gates_TK = self.select(self.logits(x_TD))
         if self.scale != 1.0:
             gates_TK = gates_TK * self.scale
-        return routing_sums(indices_TK, gates_TK, self.num_experts, token_weights(mask_T))
+        return mask_slots(indices_TK, gates_TK, token_weights(mask_T))
+
+    def local_routing(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
+                      rows: tuple[int, int] | None = None) -> LocalRouting:
+        return routing_sums(*self.local_decision(x_TD, mask_T), self.num_experts, None)
 
     def finish(self, local: LocalRouting, sums: dict[str, torch.Tensor]) -> Routing:
         if self.training and self.expert_load is not None:  # the whole batch's counts, equal on every rank

@@ -16,6 +16,10 @@ def test_quick_benchmark_writes_table_and_json(tmp_path, capsys):
     assert set(head["speedup"]) == {"masked_loop", "onehot_einsum", "nonzero_split"}
     assert head["efficiency"] > 0 and head["memory_vs_limit"] > 0
     assert data["scaling"]["experts"] == [4, 8]
+    # The small forward batch is also timed as served, without routing statistics, beside the rest.
+    served = [r for r in data["rows"] if "serving" in r]
+    assert served and all(r["serving"]["speedup"] > 0 and r["serving"]["roofline_ratio"] > 0 for r in served)
+    assert "Serving without routing statistics" in table
 
 
 def test_baselines_compute_the_same_function_as_a_dense_ffn_with_one_expert():
