@@ -273,7 +273,10 @@ def test_a_layer_on_the_meta_device_is_built_but_not_run():
         moe(torch.randn(3, 8))
     with pytest.raises(ValueError, match="input is on the meta device"):
         moekit.MoE(8, 4, 2, 16)(torch.randn(3, 8, device="meta"))
-    moe.to_empty(device="cpu")  # materialised, it runs
+    moe.to_empty(device="cpu")  # materialised (and initialised: to_empty leaves whatever memory held), it runs
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.02)
     assert moe(torch.randn(3, 8)).y.shape == (3, 8)
 
 

@@ -62,15 +62,49 @@ def test_auto_backend_choice_on_cpu():
     assert backend == "bmm" and plan.rows >= 1
 
 
+def test_without_biases_or_a_backward_torch_grouped_gemm_takes_the_loops_place(monkeypatch):
+    import moekit.experts.bank as bank
+    from moekit.experts import choose_compute
+
+    x = torch.zeros(1, 4)
+    counts = [2] * 8  # 16 rows: the loop's regime
+    if bank.cpu_grouped_mm_available(torch.float32):
+        assert choose_compute("auto", x, counts, grad=False, cpu_grouped=True) == ("grouped_mm", None)
+    assert choose_compute("auto", x, counts, grad=False, cpu_grouped=False) == ("loop", None)  # e.g. biases
+    assert choose_compute("auto", x, [1] * 8 + [0] * 8, grad=False, cpu_grouped=True) == ("loop", None)  # few rows
+    assert choose_compute("auto", x, counts, grad=True, cpu_grouped=True)[0] == "bmm"  # a backward follows
+    assert choose_compute("auto", x, [9] * 8, grad=False, cpu_grouped=True)[0] == "bmm"  # past the memory-bound regime
+    monkeypatch.setattr(bank, "cpu_grouped_mm_available", lambda dtype: False)  # an older torch
+    assert choose_compute("auto", x, counts, grad=False, cpu_grouped=True) == ("loop", None)
+    # The bank decides whether it can: no biases, and rows a multiple of 16 bytes.
+    assert moekit.MoE(32, 4, 2, 64, bias=False).experts.cpu_grouped(torch.zeros(1, 32))
+    assert not moekit.MoE(32, 4, 2, 64).experts.cpu_grouped(torch.zeros(1, 32))
+    assert not moekit.MoE(32, 4, 2, 66, bias=False).experts.cpu_grouped(torch.zeros(1, 32))  # 66 * 4 bytes
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu", "clamped_swiglu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemm_gives_the_loops_values(activation, dtype):
+    torch.manual_seed(0)
+    moe = moekit.MoE(32, 8, 2, 64, router="topk", activation=activation, bias=False).to(dtype).eval()
+    x = torch.randn(24, 32, dtype=dtype)
+    with torch.no_grad():
+        moe.experts.backend = "loop"
+        want = moe(x).y
+        moe.experts.backend = "auto"
+        got = moe(x).y
+    assert torch.equal(got, want)
+
+
 def test_the_bank_tells_the_backend_choice_whether_a_backward_follows(monkeypatch):
     import moekit.experts.bank as bank
 
     seen = []
     real = bank.choose_compute
 
-    def spy(backend, x, counts, grad=True):
+    def spy(backend, x, counts, grad=True, cpu_grouped=False):
         seen.append(grad)
-        return real(backend, x, counts, grad)
+        return real(backend, x, counts, grad, cpu_grouped)
 
     monkeypatch.setattr(bank, "choose_compute", spy)
     moe = moekit.MoE(8, 4, 2, 12)
