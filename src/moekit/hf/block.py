@@ -12,12 +12,13 @@ balancing loss from them.
 
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Any
 
 import torch
 from torch import nn
 
-from moekit.hf._compat import require_attribute
 from moekit.hf.families import BY_NAME, Family
 from moekit.layer import MoE
 from moekit.types import RoutingStats
@@ -30,13 +31,23 @@ class RouterLogitsTap(nn.Module):
         return logits
 
 
+@functools.cache
+def _router_logits_collector() -> Any:
+    """transformers' context variable holding the outputs being collected, or None where it has none."""
+    try:
+        module = importlib.import_module("transformers.utils.output_capturing")
+    except ImportError:
+        return None
+    return getattr(module, "_active_collector", None)
+
+
 def logits_collected() -> bool:
     """Whether transformers collects router logits in the forward under way (``output_router_logits``).
 
     Reads the collector that transformers' output-capturing hooks append to; True whenever that
     cannot be told (a transformers without it, or tracing for torch.compile).
     """
-    collector = getattr(require_attribute("transformers.utils", "output_capturing"), "_active_collector", None)
+    collector = _router_logits_collector()
     if collector is None or torch.compiler.is_compiling():
         return True
     active = collector.get()
