@@ -44,8 +44,6 @@ MEMORY_BOUND_ROWS = 8
 # time of the sort, gather and combine; from 4 tokens on, the experts with several rows make it
 # level or slower.
 FEW_TOKENS = 2
-
-
 # Without a backward, banks without biases compute from this many routed rows on with torch's CPU
 # grouped GEMM where the loop would run (one matmul per expert that has rows): measured 1.12-1.42x
 # faster at 16-128 rows (T = 8-64, E = 8-64, D=512, F=1024, 2 threads), with the same products
