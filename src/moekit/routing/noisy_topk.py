@@ -45,10 +45,14 @@ class NoisyTopKRouter(Router):
         self.w_gate = nn.Parameter(torch.zeros(dim, num_experts, device=device, dtype=dtype))
         self.w_noise = nn.Parameter(torch.zeros(dim, num_experts, device=device, dtype=dtype))
 
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """[T, E] float32 clean gate logits ``x @ W_g``."""
+        return x_TD.float() @ self.w_gate.float()
+
     def local_routing(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
                       rows: tuple[int, int] | None = None) -> LocalRouting:
         x_TD = x_TD.float()
-        clean_TE = x_TD @ self.w_gate.float()
+        clean_TE = self.logits(x_TD)
         noise_std_TE = None
         if self.training:
             noise_std_TE = F.softplus(x_TD @ self.w_noise.float()) + self.noise_epsilon
@@ -62,7 +66,7 @@ class NoisyTopKRouter(Router):
     def local_decision(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training:  # the noise is drawn for the whole batch: the full routing knows how
             return super().local_decision(x_TD, mask_T)
-        top = noisy_top_k(x_TD.float() @ self.w_gate.float(), None, self.k)
+        top = noisy_top_k(self.logits(x_TD), None, self.k)
         return mask_slots(top.indices, top.gates, token_weights(mask_T))
 
     def extra_repr(self) -> str:
