@@ -24,7 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.dispatch.sort import Permutation, combine
-from moekit.experts.grouped import GradientBuffers, GroupPlan, grouped_linear, grouped_relu_mlp, one_group, plan_groups
+from moekit.experts.grouped import (
+    GradientBuffers,
+    GroupPlan,
+    grouped_linear,
+    grouped_relu_mlp,
+    mlp_groups,
+    needs_graph,
+    one_group,
+    plan_groups,
+)
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu, "clamped_swiglu": F.silu}
@@ -245,6 +254,17 @@ class Experts(nn.Module):
         """The activation between the projections (``activate`` with this bank's settings)."""
         return activate(h, up, self.activation, self.settings)
 
+    def _hidden_in_place(self, h: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+        """``hidden(h, up)``, overwriting ``h`` where the activation has an in-place form (the same
+        kernels, so the same values); for a forward without autograd."""
+        if self.activation == "swiglu" and up is not None:
+            return F.silu(h, inplace=True).mul_(up)
+        if self.activation == "silu":
+            return F.silu(h, inplace=True)
+        if self.activation == "relu":
+            return h.relu_()
+        return self.hidden(h, up)
+
     def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` alone on [N, D] tokens (the readable definition)."""
         ws = self._weights(x_ND.dtype)
@@ -288,7 +308,8 @@ class Experts(nn.Module):
         w_R = x_TD.new_zeros(plan.rows).index_put((rows_N,), weights_TK.reshape(-1)[perm.slot_ids_N].to(x_TD.dtype))
         # index_select, not x_TD[src]: its backward is an index_add, much faster than index_put(accumulate).
         y_RD = self.forward_rows(x_TD.index_select(0, src_R), plan)
-        return x_TD.new_zeros(num_tokens, dim).index_add(0, src_R, y_RD * w_R[:, None])
+        weighted_RD = y_RD * w_R[:, None] if needs_graph(y_RD) else y_RD.mul_(w_R[:, None])
+        return x_TD.new_zeros(num_tokens, dim).index_add(0, src_R, weighted_RD)
 
     def takes_few(self, x_TD: torch.Tensor, indices_TK: torch.Tensor) -> bool:
         """Whether ``forward_few`` computes these slots: no backward follows, at most ``FEW_TOKENS``
@@ -388,6 +409,8 @@ class Experts(nn.Module):
         def buffers(prefix: str) -> tuple[GradientBuffers, str] | None:
             return None if bank is None else (bank, prefix)
 
+        if not needs_graph(x_RD, w1, b1, w2, b2, w3, b3):  # both layers group by group, in cache
+            return mlp_groups(x_RD, w1, b1, w3, b3, w2, b2, plan, self._hidden_in_place)
         if self.activation == "relu" and b1 is not None and b2 is not None:  # the fused kernel takes both biases
             return grouped_relu_mlp(x_RD, w1, b1, w2, b2, plan, buffers(""))
         up = None if w3 is None else grouped_linear(x_RD, w3, b3, plan, buffers("w3"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -190,7 +191,62 @@ def _linear_groups(x_RI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor |
     return y_RO
 
 
-def _needs_graph(*tensors: torch.Tensor | None) -> bool:
+def _mlp_groups(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tensor | None, w3_EDF: torch.Tensor | None,
+                b3_EF: torch.Tensor | None, w2_EFD: torch.Tensor, b2_ED: torch.Tensor | None, groups: list[Group],
+                hidden: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+    """A whole expert FFN on a contiguous ``x_RD``, group by group, without autograd. Returns [R, D].
+
+    ``hidden(h, up)`` is the activation on one group's [G, C, F] blocks of ``x @ w1 + b1`` and (gated)
+    ``x @ w3 + b3``; it may overwrite ``h``. Each group's hidden blocks are one reused scratch,
+    still in cache when the second layer reads them: the [R, F] activations are never written out,
+    where the layer by layer computation (``grouped_linear`` twice or thrice) sends them to memory
+    and back three or four times. The same batched matmuls and elementwise operations, so the
+    same values.
+    """
+    y_RD = x_RD.new_empty(x_RD.shape[0], w2_EFD.shape[-1])
+    largest = max(((g.end - g.start) * g.cap for g in groups), default=0)
+    hidden_dim = w1_EDF.shape[-1]
+    scratch_h = x_RD.new_empty(largest * hidden_dim)
+    scratch_up = None if w3_EDF is None else x_RD.new_empty(largest * hidden_dim)
+
+    def project(x_GCI: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, g: Group,
+                out: torch.Tensor) -> torch.Tensor:
+        s, e = g.start, g.end
+        if b is None:
+            return torch.bmm(x_GCI, w[s:e], out=out)
+        return torch.baddbmm(b[s:e, None, :], x_GCI, w[s:e], out=out)
+
+    for g in groups:
+        if g.cap == 0:
+            continue
+        shape = (g.end - g.start, g.cap, hidden_dim)
+        size = shape[0] * shape[1] * shape[2]
+        x_GCD = _blocks(x_RD, g)
+        h_GCF = project(x_GCD, w1_EDF, b1_EF, g, scratch_h[:size].view(shape))
+        up_GCF = None if w3_EDF is None or scratch_up is None else project(x_GCD, w3_EDF, b3_EF, g,
+                                                                            scratch_up[:size].view(shape))
+        project(hidden(h_GCF, up_GCF), w2_EFD, b2_ED, g, _blocks(y_RD, g))
+    return y_RD
+
+
+def mlp_groups(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tensor | None, w3_EDF: torch.Tensor | None,
+               b3_EF: torch.Tensor | None, w2_EFD: torch.Tensor, b2_ED: torch.Tensor | None, plan: GroupPlan,
+               hidden: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+    """``hidden(x[r] @ w1[e] + b1[e], x[r] @ w3[e] + b3[e]) @ w2[e] + b2[e]`` for every padded row r
+    of expert e (layout of ``plan``; ``w3`` None: ungated, ``hidden`` gets None), for a forward
+    that records no autograd graph. Returns [R, D].
+
+    The values of ``grouped_linear`` -> ``hidden`` -> ``grouped_linear`` (see ``_mlp_groups``).
+    """
+    if x_RD.shape[0] != plan.rows:
+        raise ValueError(f"x has {x_RD.shape[0]} rows; the plan lays out {plan.rows}")
+    if needs_graph(x_RD, w1_EDF, b1_EF, w3_EDF, b3_EF, w2_EFD, b2_ED):
+        raise RuntimeError("mlp_groups records no autograd graph: call it under torch.no_grad() "
+                           "or with inputs that do not require grad")
+    return _mlp_groups(x_RD.contiguous(), w1_EDF, b1_EF, w3_EDF, b3_EF, w2_EFD, b2_ED, plan.groups, hidden)
+
+
+def needs_graph(*tensors: torch.Tensor | None) -> bool:
     """Whether an autograd graph must be recorded: grad mode on and some input requiring grad."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -238,7 +294,7 @@ def grouped_linear(x_RI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor |
     """
     if x_RI.shape[0] != plan.rows:
         raise ValueError(f"x has {x_RI.shape[0]} rows; the plan lays out {plan.rows}")
-    if not _needs_graph(x_RI, w_EIO, b_EO):  # the same computation, without autograd's bookkeeping
+    if not needs_graph(x_RI, w_EIO, b_EO):  # the same computation, without autograd's bookkeeping
         return _linear_groups(x_RI.contiguous(), w_EIO, b_EO, plan.groups)
     return _GroupedLinear.apply(x_RI, w_EIO, b_EO, plan.groups, buffers)
 
@@ -322,6 +378,6 @@ def grouped_relu_mlp(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tens
     """
     if x_RD.shape[0] != plan.rows:
         raise ValueError(f"x has {x_RD.shape[0]} rows; the plan lays out {plan.rows}")
-    if not _needs_graph(x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED):
+    if not needs_graph(x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED):
         return _relu_mlp_groups(x_RD.contiguous(), w1_EDF, b1_EF, w2_EFD, b2_ED, plan.groups)[0]
     return _GroupedReluMLP.apply(x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED, plan.groups, buffers)

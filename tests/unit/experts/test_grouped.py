@@ -205,3 +205,64 @@ def test_without_a_graph_the_kernels_skip_autograd_and_give_the_same_values(relu
         without = run()
     assert with_graph.grad_fn is not None and without.grad_fn is None
     assert torch.equal(with_graph.detach(), without)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "swiglu", "clamped_swiglu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [16, 37])
+def test_mlp_groups_gives_the_layer_by_layer_values_bit_for_bit(activation, bias, dtype, hidden):
+    import moekit
+    from moekit.experts.grouped import mlp_groups
+
+    torch.manual_seed(0)
+    counts = [40, 0, 0, 7, 33, 1, 0, 25]
+    plan = plan_groups(counts, threads=2)
+    assert any(g.cap == 0 for g in plan.groups) and len(plan.groups) > 2
+    bank = moekit.Experts(len(counts), 24, hidden, activation, bias=bias, backend="bmm").to(dtype)
+    if bias:
+        with torch.no_grad():
+            for b in (bank.b1, bank.b2, bank.b3):
+                if b is not None:
+                    b.normal_()
+    x = torch.randn(plan.rows, 24, dtype=dtype)
+    w1, b1, w2, b2, w3, b3 = (None if t is None else t.detach()
+                              for t in (bank.w1, bank.b1, bank.w2, bank.b2, bank.w3, bank.b3))
+    up = None if w3 is None else grouped_linear(x, w3, b3, plan)
+    expected = grouped_linear(bank.hidden(grouped_linear(x, w1, b1, plan), up), w2, b2, plan)
+    got = mlp_groups(x, w1, b1, w3, b3, w2, b2, plan, bank._hidden_in_place)
+    with_graph = bank.forward_rows(x, plan)
+    assert with_graph.grad_fn is not None
+    with torch.no_grad():
+        no_graph = bank.forward_rows(x, plan)  # the bank takes mlp_groups without autograd
+    assert got.shape == expected.shape
+    # The same kernels on blocks instead of the whole: bit for bit, unless an activation with a
+    # vectorised approximation (not ReLU) runs over blocks whose size is not a multiple of the
+    # vector width, where the block's last elements take the scalar form and may round the last
+    # bit differently.
+    if activation == "relu" or hidden % 16 == 0:
+        assert torch.equal(got, expected) and torch.equal(no_graph, with_graph.detach())
+    else:
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(no_graph, with_graph.detach())
+
+
+def test_mlp_groups_refuses_inputs_that_need_a_graph():
+    from moekit.experts.grouped import mlp_groups
+
+    plan = plan_groups([2, 3], threads=2)
+    x = torch.randn(plan.rows, 4)
+    w1, w2 = torch.randn(2, 4, 6, requires_grad=True), torch.randn(2, 6, 4)
+    with pytest.raises(RuntimeError, match="no autograd graph"):
+        mlp_groups(x, w1, None, None, None, w2, None, plan, lambda h, up: h.relu_())
+    with pytest.raises(ValueError, match="the plan lays out"):
+        mlp_groups(x[1:], w1.detach(), None, None, None, w2, None, plan, lambda h, up: h.relu_())
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu", "gelu"])
+def test_a_padded_forward_without_autograd_equals_the_forward_with_it(activation):
+    experts, x, perm, w = _bank_and_batch(activation)
+    with_graph = experts.forward_tokens(x, perm, w)
+    assert with_graph.grad_fn is not None
+    with torch.no_grad():
+        assert torch.equal(experts.forward_tokens(x, perm, w), with_graph.detach())
