@@ -104,6 +104,11 @@ class GroupPlan(NamedTuple):
     rows: int
     base: list[int]
 
+    def block_rows(self) -> float:
+        """The mean padded rows of a group's block, over the groups that have rows."""
+        live = sum(1 for g in self.groups if g.cap > 0)
+        return self.rows / live if live else 0.0
+
     def padded_rows(self, counts_E: torch.Tensor) -> torch.Tensor:
         """[N] padded row of each routed row, for rows grouped by expert with sizes ``counts_E``."""
         device = counts_E.device
@@ -381,3 +386,113 @@ def grouped_relu_mlp(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tens
     if not needs_graph(x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED):
         return _relu_mlp_groups(x_RD.contiguous(), w1_EDF, b1_EF, w2_EFD, b2_ED, plan.groups)[0]
     return _GroupedReluMLP.apply(x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED, plan.groups, buffers)
+
+
+def _swiglu_groups(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tensor | None, w3_EDF: torch.Tensor,
+                   w2_EFD: torch.Tensor, b2_ED: torch.Tensor | None, groups: list[Group],
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward of ``grouped_swiglu_mlp`` on a contiguous ``x_RD``: (y [R, D], the gate
+    projection h [R, F], the up projection u [R, F]); the activation ``silu(h) * u`` of a group is
+    one reused scratch block."""
+    hidden_dim = w1_EDF.shape[-1]
+    h_RF, u_RF = x_RD.new_empty(x_RD.shape[0], hidden_dim), x_RD.new_empty(x_RD.shape[0], hidden_dim)
+    y_RD = x_RD.new_empty(x_RD.shape[0], w2_EFD.shape[-1])
+    largest = max(((g.end - g.start) * g.cap for g in groups), default=0)
+    scratch = x_RD.new_empty(largest * hidden_dim)
+    for g in groups:
+        if g.cap == 0:
+            continue
+        s, e = g.start, g.end
+        x_GCD, h_GCF, u_GCF = _blocks(x_RD, g), _blocks(h_RF, g), _blocks(u_RF, g)
+        torch.bmm(x_GCD, w3_EDF[s:e], out=u_GCF)
+        if b1_EF is None:
+            torch.bmm(x_GCD, w1_EDF[s:e], out=h_GCF)
+        else:
+            torch.baddbmm(b1_EF[s:e, None, :], x_GCD, w1_EDF[s:e], out=h_GCF)
+        a_GCF = torch.ops.aten.silu.out(h_GCF, out=scratch[:h_GCF.numel()].view(h_GCF.shape)).mul_(u_GCF)
+        if b2_ED is None:
+            torch.bmm(a_GCF, w2_EFD[s:e], out=_blocks(y_RD, g))
+        else:
+            torch.baddbmm(b2_ED[s:e, None, :], a_GCF, w2_EFD[s:e], out=_blocks(y_RD, g))
+    return y_RD, h_RF, u_RF
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """``(silu(x @ w1[e] + b1[e]) * (x @ w3[e])) @ w2[e] + b2[e]`` group by group, the three
+    projections of a group back to back: only the two projections h and u are kept for the
+    backward; the activation and, backward, every [F]-wide gradient of a group live in scratch
+    blocks still in cache when the next matmul reads them."""
+
+    @staticmethod
+    def forward(ctx, x_RD, w1_EDF, b1_EF, w3_EDF, w2_EFD, b2_ED, groups, buffers):
+        x_RD = x_RD.contiguous()
+        y_RD, h_RF, u_RF = _swiglu_groups(x_RD, w1_EDF, b1_EF, w3_EDF, w2_EFD, b2_ED, groups)
+        ctx.save_for_backward(x_RD, w1_EDF, w3_EDF, w2_EFD, h_RF, u_RF)
+        ctx.groups, ctx.buffers = groups, buffers
+        ctx.has_bias = (b1_EF is not None, b2_ED is not None)
+        return y_RD
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_RD):
+        x_RD, w1_EDF, w3_EDF, w2_EFD, h_RF, u_RF = ctx.saved_tensors
+        dy_RD = dy_RD.contiguous()
+        need_x, need_w1, need_b1, need_w3, need_w2, need_b2 = ctx.needs_input_grad[:6]
+        dx_RD = torch.empty_like(x_RD) if need_x else None
+        dw1 = _weight_grad(ctx.buffers, "w1", w1_EDF) if need_w1 else None
+        dw3 = _weight_grad(ctx.buffers, "w3", w3_EDF) if need_w3 else None
+        dw2 = _weight_grad(ctx.buffers, "w2", w2_EFD) if need_w2 else None
+        db1 = w1_EDF.new_empty(w1_EDF.shape[0], w1_EDF.shape[-1]) if need_b1 and ctx.has_bias[0] else None
+        db2 = w2_EFD.new_empty(w2_EFD.shape[0], w2_EFD.shape[-1]) if need_b2 and ctx.has_bias[1] else None
+        hidden_dim, dim = h_RF.shape[-1], x_RD.shape[-1]
+        largest = max(((g.end - g.start) * g.cap for g in ctx.groups), default=0)
+        # Three [G, C, F] scratch blocks and one [G, C, D], reused group after group.
+        scratch = [h_RF.new_empty(largest * hidden_dim) for _ in range(3)]
+        scratch_d = x_RD.new_empty(largest * dim) if dx_RD is not None else None
+        for g in ctx.groups:
+            s, e = g.start, g.end
+            if g.cap == 0:  # no row: a zero gradient for these experts
+                for t in (dw1, db1, dw3, dw2, db2):
+                    if t is not None:
+                        t[s:e].zero_()
+                continue
+            dy_GCD, h_GCF, u_GCF, x_GCD = _blocks(dy_RD, g), _blocks(h_RF, g), _blocks(u_RF, g), _blocks(x_RD, g)
+            da_GCF, act_GCF, silu_GCF = (t[:h_GCF.numel()].view(h_GCF.shape) for t in scratch)
+            torch.bmm(dy_GCD, w2_EFD[s:e].transpose(1, 2), out=da_GCF)
+            torch.ops.aten.silu.out(h_GCF, out=silu_GCF)
+            if dw2 is not None:
+                torch.mul(silu_GCF, u_GCF, out=act_GCF)  # the activation, recomputed in cache
+                torch.bmm(act_GCF.transpose(1, 2), dy_GCD, out=dw2[s:e])
+            if db2 is not None:
+                torch.sum(dy_GCD, 1, out=db2[s:e])
+            du_GCF = torch.mul(da_GCF, silu_GCF, out=act_GCF)  # d(silu(h) * u)/du
+            ds_GCF = da_GCF.mul_(u_GCF)  # ... / d silu(h)
+            dh_GCF = torch.ops.aten.silu_backward.grad_input(ds_GCF, h_GCF, grad_input=silu_GCF)
+            if dx_RD is not None and scratch_d is not None:
+                dx_GCD = torch.bmm(dh_GCF, w1_EDF[s:e].transpose(1, 2), out=_blocks(dx_RD, g))
+                dx_GCD.add_(torch.bmm(du_GCF, w3_EDF[s:e].transpose(1, 2),
+                                      out=scratch_d[:dx_GCD.numel()].view(dx_GCD.shape)))
+            if dw1 is not None:
+                torch.bmm(x_GCD.transpose(1, 2), dh_GCF, out=dw1[s:e])
+            if db1 is not None:
+                torch.sum(dh_GCF, 1, out=db1[s:e])
+            if dw3 is not None:
+                torch.bmm(x_GCD.transpose(1, 2), du_GCF, out=dw3[s:e])
+        return dx_RD, dw1, db1, dw3, dw2, db2, None, None
+
+
+def grouped_swiglu_mlp(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tensor | None, w3_EDF: torch.Tensor,
+                       w2_EFD: torch.Tensor, b2_ED: torch.Tensor | None, plan: GroupPlan,
+                       buffers: tuple[GradientBuffers, str] | None = None) -> torch.Tensor:
+    """``(silu(x[r] @ w1[e] + b1[e]) * (x[r] @ w3[e])) @ w2[e] + b2[e]`` for every padded row r of
+    expert e (``b1``, ``b2`` None: no bias). Returns [R, D].
+
+    The values and gradients of ``grouped_linear`` -> silu * up -> ``grouped_linear``, computed
+    group by group with the three projections together (see ``_GroupedSwiGLU``); it keeps two
+    [R, F] tensors for the backward where the layer by layer graph keeps four. Differentiable once.
+    """
+    if x_RD.shape[0] != plan.rows:
+        raise ValueError(f"x has {x_RD.shape[0]} rows; the plan lays out {plan.rows}")
+    if not needs_graph(x_RD, w1_EDF, b1_EF, w3_EDF, w2_EFD, b2_ED):
+        return _swiglu_groups(x_RD.contiguous(), w1_EDF, b1_EF, w3_EDF, w2_EFD, b2_ED, plan.groups)[0]
+    return _GroupedSwiGLU.apply(x_RD, w1_EDF, b1_EF, w3_EDF, w2_EFD, b2_ED, plan.groups, buffers)
