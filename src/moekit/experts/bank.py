@@ -64,10 +64,10 @@ CPU_GROUPED_MIN_ROWS = 16
 # On the padded layout, groups of experts whose blocks hold this many rows on average take the
 # fused kernels (``mlp_groups`` without autograd, ``grouped_swiglu_mlp`` with it): each group's
 # [F]-wide activations stay in cache between its projections. Measured at D=512, F=1024, 2
-# threads, against the layer by layer kernels: 0.91-0.95x the time at T=4096 (about 1000 rows per
-# block at E=8, 280 at E=64), level at T=256-1024 without autograd, but 1.05x at 24 rows per block
-# (T=256, E=64, forward and backward), where each group's elementwise operations are too small to
-# use every thread.
+# threads, T=4096 (about 2100 rows per block at E=8, 280 at E=64), against the layer by layer
+# kernels: the forward in 0.91-0.93x the time, forward+backward 0.95x at E=8 and level at E=64.
+# Without autograd it was level at T=256 (E=8); with it 1.05x slower at 24 rows per block (T=256,
+# E=64), where each group's elementwise operations are too small to use every thread.
 FUSED_MIN_BLOCK_ROWS = 256
 
 
