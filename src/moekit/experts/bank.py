@@ -34,6 +34,7 @@ from moekit.experts.grouped import (
     needs_graph,
     one_group,
     plan_groups,
+    swiglu_in_place,
 )
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -266,8 +267,8 @@ class Experts(nn.Module):
     def _hidden_in_place(self, h: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
         """``hidden(h, up)``, overwriting ``h`` where the activation has an in-place form (the same
         kernels, so the same values); for a forward without autograd."""
-        if self.activation == "swiglu" and up is not None:
-            return F.silu(h, inplace=True).mul_(up)
+        if self.activation == "swiglu":
+            return swiglu_in_place(h, up)
         if self.activation == "silu":
             return F.silu(h, inplace=True)
         if self.activation == "relu":

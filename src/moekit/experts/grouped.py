@@ -196,6 +196,13 @@ def _linear_groups(x_RI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor |
     return y_RO
 
 
+def swiglu_in_place(h: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+    """``silu(h) * up`` written over ``h``: the kernels of the out-of-place form, so its values."""
+    if up is None:
+        raise ValueError("SwiGLU needs the up projection")
+    return torch.nn.functional.silu(h, inplace=True).mul_(up)
+
+
 def _mlp_groups(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tensor | None, w3_EDF: torch.Tensor | None,
                 b3_EF: torch.Tensor | None, w2_EFD: torch.Tensor, b2_ED: torch.Tensor | None, groups: list[Group],
                 hidden: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
@@ -493,6 +500,7 @@ def grouped_swiglu_mlp(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Te
     """
     if x_RD.shape[0] != plan.rows:
         raise ValueError(f"x has {x_RD.shape[0]} rows; the plan lays out {plan.rows}")
-    if not needs_graph(x_RD, w1_EDF, b1_EF, w3_EDF, w2_EFD, b2_ED):
-        return _swiglu_groups(x_RD.contiguous(), w1_EDF, b1_EF, w3_EDF, w2_EFD, b2_ED, plan.groups)[0]
+    if not needs_graph(x_RD, w1_EDF, b1_EF, w3_EDF, w2_EFD, b2_ED):  # nothing kept: both projections in scratch
+        return _mlp_groups(x_RD.contiguous(), w1_EDF, b1_EF, w3_EDF, None, w2_EFD, b2_ED, plan.groups,
+                           swiglu_in_place)
     return _GroupedSwiGLU.apply(x_RD, w1_EDF, b1_EF, w3_EDF, w2_EFD, b2_ED, plan.groups, buffers)

@@ -211,11 +211,10 @@ def test_without_a_graph_the_kernels_skip_autograd_and_give_the_same_values(relu
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden", [16, 37])
-def test_mlp_groups_gives_the_layer_by_layer_values_bit_for_bit(activation, bias, dtype, hidden):
+def test_mlp_groups_gives_the_layer_by_layer_values(activation, bias, dtype, hidden):
     import moekit
-    from moekit.experts.grouped import mlp_groups
-
     from moekit.experts.bank import FUSED_MIN_BLOCK_ROWS
+    from moekit.experts.grouped import mlp_groups
 
     torch.manual_seed(0)
     counts = [400, 0, 0, 270, 330, 1, 0, 250]
