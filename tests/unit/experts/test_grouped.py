@@ -293,10 +293,11 @@ def _swiglu_layer_by_layer(x, w1, b1, w3, w2, b2, plan):
 @pytest.mark.parametrize("bias1", [False, True])
 @pytest.mark.parametrize("bias2", [False, True])
 @pytest.mark.parametrize("hidden", [16, 37])
-def test_grouped_swiglu_mlp_gives_the_layer_by_layer_values_and_gradients(bias1, bias2, hidden):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_swiglu_mlp_gives_the_layer_by_layer_values_and_gradients(bias1, bias2, hidden, dtype):
     from moekit.experts.grouped import grouped_swiglu_mlp
 
-    plan, inputs = _swiglu_inputs([40, 0, 0, 7, 33, 1, 0, 25], hidden, bias1, bias2)
+    plan, inputs = _swiglu_inputs([40, 0, 0, 7, 33, 1, 0, 25], hidden, bias1, bias2, dtype=dtype)
     assert any(g.cap == 0 for g in plan.groups)
     params = [t for t in inputs if t is not None]
     fused = grouped_swiglu_mlp(*inputs, plan)
