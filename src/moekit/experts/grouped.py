@@ -173,6 +173,19 @@ def _blocks(t_R: torch.Tensor, g: Group) -> torch.Tensor:
     return t_R[g.row:g.row + (g.end - g.start) * g.cap].view(g.end - g.start, g.cap, t_R.shape[-1])
 
 
+def _largest_block(groups: list[Group]) -> int:
+    """The rows of the largest group's block: the size of a scratch block reused group after group."""
+    return max(((g.end - g.start) * g.cap for g in groups), default=0)
+
+
+def _project(x_GCI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor | None, g: Group,
+             out: torch.Tensor) -> torch.Tensor:
+    """``x @ w[e] + b[e]`` for group ``g``'s experts, written to ``out`` [G, C, O] (``b`` None: no bias)."""
+    if b_EO is None:
+        return torch.bmm(x_GCI, w_EIO[g.start:g.end], out=out)
+    return torch.baddbmm(b_EO[g.start:g.end, None, :], x_GCI, w_EIO[g.start:g.end], out=out)
+
+
 def _weight_grad(buffers: tuple[GradientBuffers, str] | None, name: str, w: torch.Tensor) -> torch.Tensor:
     """The weight gradient's tensor: from ``buffers`` (a bank's, and the prefix of its names) if given."""
     if buffers is None:
@@ -188,11 +201,7 @@ def _linear_groups(x_RI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor |
     for g in groups:
         if g.cap == 0:
             continue
-        x_GCI, y_GCO, w_GIO = _blocks(x_RI, g), _blocks(y_RO, g), w_EIO[g.start:g.end]
-        if b_EO is None:
-            torch.bmm(x_GCI, w_GIO, out=y_GCO)
-        else:
-            torch.baddbmm(b_EO[g.start:g.end, None, :], x_GCI, w_GIO, out=y_GCO)
+        _project(_blocks(x_RI, g), w_EIO, b_EO, g, _blocks(y_RO, g))
     return y_RO
 
 
@@ -216,28 +225,19 @@ def _mlp_groups(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tensor | 
     same values.
     """
     y_RD = x_RD.new_empty(x_RD.shape[0], w2_EFD.shape[-1])
-    largest = max(((g.end - g.start) * g.cap for g in groups), default=0)
     hidden_dim = w1_EDF.shape[-1]
-    scratch_h = x_RD.new_empty(largest * hidden_dim)
-    scratch_up = None if w3_EDF is None else x_RD.new_empty(largest * hidden_dim)
-
-    def project(x_GCI: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, g: Group,
-                out: torch.Tensor) -> torch.Tensor:
-        s, e = g.start, g.end
-        if b is None:
-            return torch.bmm(x_GCI, w[s:e], out=out)
-        return torch.baddbmm(b[s:e, None, :], x_GCI, w[s:e], out=out)
-
+    scratch_h = x_RD.new_empty(_largest_block(groups) * hidden_dim)
+    scratch_up = None if w3_EDF is None else torch.empty_like(scratch_h)
     for g in groups:
         if g.cap == 0:
             continue
         shape = (g.end - g.start, g.cap, hidden_dim)
         size = shape[0] * shape[1] * shape[2]
         x_GCD = _blocks(x_RD, g)
-        h_GCF = project(x_GCD, w1_EDF, b1_EF, g, scratch_h[:size].view(shape))
-        up_GCF = None if w3_EDF is None or scratch_up is None else project(x_GCD, w3_EDF, b3_EF, g,
-                                                                            scratch_up[:size].view(shape))
-        project(hidden(h_GCF, up_GCF), w2_EFD, b2_ED, g, _blocks(y_RD, g))
+        h_GCF = _project(x_GCD, w1_EDF, b1_EF, g, scratch_h[:size].view(shape))
+        up_GCF = None if w3_EDF is None or scratch_up is None else _project(x_GCD, w3_EDF, b3_EF, g,
+                                                                             scratch_up[:size].view(shape))
+        _project(hidden(h_GCF, up_GCF), w2_EFD, b2_ED, g, _blocks(y_RD, g))
     return y_RD
 
 
@@ -319,11 +319,8 @@ def _relu_mlp_groups(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tens
     for g in groups:
         if g.cap == 0:
             continue
-        s, e = g.start, g.end
-        h_GCF = _blocks(h_RF, g)
-        torch.baddbmm(b1_EF[s:e, None, :], _blocks(x_RD, g), w1_EDF[s:e], out=h_GCF)
-        h_GCF.relu_()
-        torch.baddbmm(b2_ED[s:e, None, :], h_GCF, w2_EFD[s:e], out=_blocks(y_RD, g))
+        h_GCF = _project(_blocks(x_RD, g), w1_EDF, b1_EF, g, _blocks(h_RF, g)).relu_()
+        _project(h_GCF, w2_EFD, b2_ED, g, _blocks(y_RD, g))
     return y_RD, h_RF
 
 
@@ -353,7 +350,7 @@ class _GroupedReluMLP(torch.autograd.Function):
         dw2 = _weight_grad(ctx.buffers, "w2", w2_EFD) if need_w2 else None
         db2 = w2_EFD.new_empty(w2_EFD.shape[0], w2_EFD.shape[-1]) if need_b2 else None
         # One scratch block for the hidden gradient of a group, reused group after group.
-        largest = max(((g.end - g.start) * g.cap for g in ctx.groups), default=0)
+        largest = _largest_block(ctx.groups)
         scratch_F = h_RF.new_empty(largest * h_RF.shape[-1])
         for g in ctx.groups:
             s, e = g.start, g.end
@@ -390,8 +387,9 @@ def grouped_relu_mlp(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tens
     """
     if x_RD.shape[0] != plan.rows:
         raise ValueError(f"x has {x_RD.shape[0]} rows; the plan lays out {plan.rows}")
-    if not needs_graph(x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED):
-        return _relu_mlp_groups(x_RD.contiguous(), w1_EDF, b1_EF, w2_EFD, b2_ED, plan.groups)[0]
+    if not needs_graph(x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED):  # nothing kept: the hidden block in scratch
+        return _mlp_groups(x_RD.contiguous(), w1_EDF, b1_EF, None, None, w2_EFD, b2_ED, plan.groups,
+                           lambda h, _: h.relu_())
     return _GroupedReluMLP.apply(x_RD, w1_EDF, b1_EF, w2_EFD, b2_ED, plan.groups, buffers)
 
 
@@ -404,23 +402,15 @@ def _swiglu_groups(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tensor
     hidden_dim = w1_EDF.shape[-1]
     h_RF, u_RF = x_RD.new_empty(x_RD.shape[0], hidden_dim), x_RD.new_empty(x_RD.shape[0], hidden_dim)
     y_RD = x_RD.new_empty(x_RD.shape[0], w2_EFD.shape[-1])
-    largest = max(((g.end - g.start) * g.cap for g in groups), default=0)
-    scratch = x_RD.new_empty(largest * hidden_dim)
+    scratch = x_RD.new_empty(_largest_block(groups) * hidden_dim)
     for g in groups:
         if g.cap == 0:
             continue
-        s, e = g.start, g.end
-        x_GCD, h_GCF, u_GCF = _blocks(x_RD, g), _blocks(h_RF, g), _blocks(u_RF, g)
-        torch.bmm(x_GCD, w3_EDF[s:e], out=u_GCF)
-        if b1_EF is None:
-            torch.bmm(x_GCD, w1_EDF[s:e], out=h_GCF)
-        else:
-            torch.baddbmm(b1_EF[s:e, None, :], x_GCD, w1_EDF[s:e], out=h_GCF)
+        x_GCD = _blocks(x_RD, g)
+        u_GCF = _project(x_GCD, w3_EDF, None, g, _blocks(u_RF, g))
+        h_GCF = _project(x_GCD, w1_EDF, b1_EF, g, _blocks(h_RF, g))
         a_GCF = torch.ops.aten.silu.out(h_GCF, out=scratch[:h_GCF.numel()].view(h_GCF.shape)).mul_(u_GCF)
-        if b2_ED is None:
-            torch.bmm(a_GCF, w2_EFD[s:e], out=_blocks(y_RD, g))
-        else:
-            torch.baddbmm(b2_ED[s:e, None, :], a_GCF, w2_EFD[s:e], out=_blocks(y_RD, g))
+        _project(a_GCF, w2_EFD, b2_ED, g, _blocks(y_RD, g))
     return y_RD, h_RF, u_RF
 
 
@@ -452,7 +442,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         db1 = w1_EDF.new_empty(w1_EDF.shape[0], w1_EDF.shape[-1]) if need_b1 and ctx.has_bias[0] else None
         db2 = w2_EFD.new_empty(w2_EFD.shape[0], w2_EFD.shape[-1]) if need_b2 and ctx.has_bias[1] else None
         hidden_dim, dim = h_RF.shape[-1], x_RD.shape[-1]
-        largest = max(((g.end - g.start) * g.cap for g in ctx.groups), default=0)
+        largest = _largest_block(ctx.groups)
         # Three [G, C, F] scratch blocks and one [G, C, D], reused group after group.
         scratch = [h_RF.new_empty(largest * hidden_dim) for _ in range(3)]
         scratch_d = x_RD.new_empty(largest * dim) if dx_RD is not None else None
