@@ -122,15 +122,24 @@ class GroupPlan(NamedTuple):
 
 def plan_groups(counts: list[int], threads: int | None = None, max_group: int | None = None,
                 overhead_rows: int = GROUP_OVERHEAD_ROWS) -> GroupPlan:
-    """Split experts into contiguous groups minimising the summed ``group_cost`` (padded rows,
-    rounded up to whole rounds of ``threads``, plus a fixed cost per group), by dynamic
-    programming over the group ends. O(E * max_group).
+    """The padded layout of rows grouped by expert (sizes ``counts``) on the CPU: the groups of
+    ``group_bounds``, each padded to its largest count, less the experts without rows
+    (``_skip_empty``), which become groups of cap 0.
 
     Args:
         counts: rows per expert.
         threads: threads sharing a batched matmul (default: ``torch.get_num_threads()``).
         max_group: longest group considered (default: max(16, 2 * threads)).
     """
+    bounds = group_bounds(counts, threads, max_group, overhead_rows)
+    return _layout([span for start, end in bounds for span in _skip_empty(start, end, counts)])
+
+
+def group_bounds(counts: list[int], threads: int | None = None, max_group: int | None = None,
+                 overhead_rows: int = GROUP_OVERHEAD_ROWS) -> list[tuple[int, int]]:
+    """Split experts into contiguous groups [start, end) minimising the summed ``group_cost``
+    (padded rows, rounded up to whole rounds of ``threads``, plus a fixed cost per group), by
+    dynamic programming over the group ends. O(E * max_group). Arguments as ``plan_groups``."""
     threads = torch.get_num_threads() if threads is None else threads
     max_group = max(MAX_GROUP, 2 * threads) if max_group is None else max_group
     num_experts = len(counts)
@@ -149,15 +158,44 @@ def plan_groups(counts: list[int], threads: int | None = None, max_group: int | 
         bounds.append((prev[end], end))
         end = prev[end]
     bounds.reverse()
-    return _layout(bounds, counts)
+    return bounds
 
 
-def _layout(bounds: list[tuple[int, int]], counts: list[int]) -> GroupPlan:
+def _skip_empty(start: int, end: int, counts: list[int]) -> list[tuple[int, int, int]]:
+    """The group of experts [start, end) as spans (start, end, cap) that leave out its experts without
+    rows: those become spans of cap 0, which no matmul reads and whose weights get a zero gradient.
+
+    At a few rows per expert (training at small batches) a padded expert costs the reading of its
+    weights, forward and backward, far more than its rows; a group mixing experts with and without
+    rows read every one. The spans keep the group's cap, so every computed expert sees the same
+    [cap, I] block as in the whole group, and every span computed has at least two experts (an
+    expert without rows is kept beside a lone one): torch's CPU bmm gave the same values on any
+    sub-batch of at least two matrices, but a single one may split its sums across threads.
+    """
+    cap = max(counts[start:end])
+    if cap == 0 or end - start == 1:
+        return [(start, end, cap)]
+    keep = [c > 0 for c in counts[start:end]]
+    size = end - start
+    for i in range(size):
+        if counts[start + i] > 0 and not (i > 0 and keep[i - 1]) and not (i + 1 < size and keep[i + 1]):
+            keep[i + 1 if i + 1 < size else i - 1] = True  # a lone expert with rows gets a neighbour
+    spans: list[tuple[int, int, int]] = []
+    i = 0
+    while i < size:
+        j = i
+        while j < size and keep[j] == keep[i]:
+            j += 1
+        spans.append((start + i, start + j, cap if keep[i] else 0))
+        i = j
+    return spans
+
+
+def _layout(spans: list[tuple[int, int, int]]) -> GroupPlan:
     groups: list[Group] = []
     base: list[int] = []
     row = 0
-    for start, end in bounds:
-        cap = max(counts[start:end])
+    for start, end, cap in spans:
         groups.append(Group(start, end, cap, row))
         base.extend(row + i * cap for i in range(end - start))
         row += (end - start) * cap
@@ -166,7 +204,7 @@ def _layout(bounds: list[tuple[int, int]], counts: list[int]) -> GroupPlan:
 
 def one_group(counts: list[int]) -> GroupPlan:
     """Every expert in one group padded to the largest count (one batched matmul per weight)."""
-    return _layout([(0, len(counts))], counts)
+    return _layout([(0, len(counts), max(counts, default=0))])
 
 
 def _blocks(t_R: torch.Tensor, g: Group) -> torch.Tensor:

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moekit.experts.grouped import MAX_GROUP, group_cost, grouped_linear, grouped_relu_mlp, plan_groups
+import moekit
+from moekit.experts.grouped import MAX_GROUP, group_bounds, group_cost, grouped_linear, grouped_relu_mlp, plan_groups
 
 
 def _cost(bounds, counts, threads):
@@ -34,9 +35,21 @@ def test_plan_is_a_contiguous_padded_layout(counts):
         if nxt is not None:
             assert nxt.start == g.end
         assert 1 <= g.end - g.start <= MAX_GROUP
-        assert g.cap == max(counts[g.start:g.end]) and g.row == row
+        assert g.cap >= max(counts[g.start:g.end]) and g.row == row
         row += (g.end - g.start) * g.cap
     assert plan.rows == row
+    # Each group of the split is computed whole but for its experts without rows, at its own cap.
+    for start, end in group_bounds(counts, threads=2):
+        cap = max(counts[start:end])
+        spans = [g for g in plan.groups if start <= g.start < end]
+        assert spans[0].start == start and spans[-1].end == end
+        for g in spans:
+            if g.cap == 0:
+                assert not any(counts[g.start:g.end])
+            else:
+                assert g.cap == cap
+                # A lone expert keeps a neighbour: bmm over one matrix may sum differently.
+                assert g.end - g.start >= 2 or end - start == 1
     # Every routed row gets its own padded row, inside its expert's block, in order.
     rows_N = plan.padded_rows(torch.tensor(counts))
     assert rows_N.numel() == sum(counts) and rows_N.unique().numel() == rows_N.numel()
@@ -51,9 +64,9 @@ def test_plan_is_a_contiguous_padded_layout(counts):
 def test_plan_is_optimal_against_brute_force(seed, threads):
     gen = torch.Generator().manual_seed(seed)
     counts = torch.randint(0, 60, (12,), generator=gen).tolist()
-    plan = plan_groups(counts, threads=threads)
+    bounds = group_bounds(counts, threads=threads)
     best = min(_cost(b, counts, threads) for b in _compositions(len(counts)))
-    assert _cost([(g.start, g.end) for g in plan.groups], counts, threads) == best
+    assert _cost(bounds, counts, threads) == best
 
 
 def test_groups_fill_every_thread():
@@ -350,3 +363,66 @@ def test_a_swiglu_bank_with_large_blocks_trains_through_the_fused_kernel(monkeyp
     assert len(calls) == 2
     for n, p in experts.named_parameters():
         assert torch.equal(p.grad, grads[0][n]) and torch.equal(grads[1][n], grads[0][n]), n
+
+
+# Experts 2, 5, 6 and 9 have no rows but sit between experts that have some: the cost model puts
+# them in a padded group with their neighbours; the plan leaves them out.
+SPARSE_COUNTS = [3, 1, 0, 2, 1, 0, 0, 1, 2, 0, 3, 1]
+
+
+def _train_step(bank: moekit.Experts, counts: list[int], seed: int = 0):
+    """One forward and backward of the layer's path (``forward_tokens``: padding rows read token 0
+    and are combined with weight 0), one token per routed row. Returns (y, dx, weight grads)."""
+    from moekit.dispatch import sort_by_expert
+
+    gen = torch.Generator().manual_seed(seed)
+    expert_T = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    order = torch.randperm(expert_T.numel(), generator=gen)
+    perm = sort_by_expert(expert_T[order, None], len(counts))
+    assert perm.counts == counts
+    x = torch.randn(expert_T.numel(), bank.dim, generator=gen, requires_grad=True)
+    y = bank.forward_tokens(x, perm, torch.rand(expert_T.numel(), 1, generator=gen))
+    y.backward(torch.randn(y.shape, generator=gen))
+    return y, x.grad, {n: p.grad for n, p in bank.named_parameters()}
+
+
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("relu", True), ("gelu", True)])
+def test_experts_without_rows_are_never_read(activation, bias):
+    counts = SPARSE_COUNTS
+    plan, bounds = plan_groups(counts), group_bounds(counts)
+    # Left out: the experts of the plan's cap-0 groups, some of them inside a group with rows.
+    unread = [e for g in plan.groups if g.cap == 0 for e in range(g.start, g.end)]
+    assert any(max(counts[s:e]) > 0 and any(s <= u < e for u in unread) for s, e in bounds)
+    bank = moekit.Experts(len(counts), 8, 16, activation, bias=bias, backend="bmm")
+    with torch.no_grad():  # NaN weights would poison any output or gradient that read them
+        for p in bank.parameters():
+            p[unread] = float("nan")
+    y, dx, grads = _train_step(bank, counts)
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+    read = [e for e in range(len(counts)) if e not in unread]
+    for name, g in grads.items():
+        assert torch.isfinite(g[read]).all(), name
+        assert (g[unread] == 0).all(), name
+
+
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("relu", True)])
+def test_leaving_out_experts_without_rows_keeps_every_value(activation, bias, monkeypatch):
+    # The same step with each group computed whole: the same bits, outputs and every gradient
+    # (torch's CPU bmm computes each matrix of a batch of two or more alike).
+    import moekit.experts.grouped as grouped
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        bank = moekit.Experts(len(SPARSE_COUNTS), 64, 128, activation, bias=bias, backend="bmm")
+        skipped = _train_step(bank, SPARSE_COUNTS)
+        bank.zero_grad(set_to_none=True)
+        monkeypatch.setattr(grouped, "_skip_empty", lambda s, e, c: [(s, e, max(c[s:e]))])
+        assert any(g.cap > 0 and 0 in SPARSE_COUNTS[g.start:g.end] for g in plan_groups(SPARSE_COUNTS).groups)
+        whole = _train_step(bank, SPARSE_COUNTS)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(skipped[0], whole[0]) and torch.equal(skipped[1], whole[1])
+    for name in skipped[2]:
+        assert torch.equal(skipped[2][name], whole[2][name]), name
