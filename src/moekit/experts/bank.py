@@ -28,6 +28,7 @@ from moekit.experts.grouped import (
     GradientBuffers,
     GroupPlan,
     grouped_linear,
+    grouped_mm_linear,
     grouped_relu_mlp,
     grouped_swiglu_mlp,
     mlp_groups,
@@ -62,6 +63,12 @@ FEW_TOKENS = 2
 # vector width may round its last bit differently). Below it, or with biases (added after the
 # product, which would change the rounding), the loop stays.
 CPU_GROUPED_MIN_ROWS = 16
+# With a backward, banks without biases compute up to MEMORY_BOUND_ROWS rows per expert with the
+# grouped GEMM in these dtypes (``grouped_mm_linear``, weight gradients in reused storage) where
+# they would pad: measured against the padded groups at D=512, F=1024, 2 threads, SwiGLU,
+# forward+backward: 1.07-1.12x faster at 0.5-8 rows per expert (T = 16-256, E = 8-64), but 0.82x at
+# 16 rows (one 16-32-row matmul on two threads) and 0.92x at 32. In bfloat16 it was 0.92-1.05x.
+TRAIN_GROUPED_DTYPES = (torch.float32,)
 # On the padded layout, groups of experts whose blocks hold this many rows on average take the
 # fused kernels (``mlp_groups`` without autograd, ``grouped_swiglu_mlp`` with it): each group's
 # [F]-wide activations stay in cache between its projections. Measured at D=512, F=1024, 2
@@ -103,9 +110,12 @@ def choose_compute(backend: str, x_ND: torch.Tensor, counts: list[int],
       can (``cpu_grouped``: no biases, rows of a multiple of 16 bytes, ``Experts.cpu_grouped``)
       takes torch's CPU grouped GEMM instead from ``CPU_GROUPED_MIN_ROWS`` rows on, the same
       products in one call;
-    - with a backward, bmm over padded groups of experts (``moekit.experts.grouped``) however
-      few the rows: the loop's per-expert weight gradients are stacked into whole [E, ...]
-      tensors every step, which costs more than any padding;
+    - with a backward and at most ``MEMORY_BOUND_ROWS`` rows per expert on average, a bank that
+      can takes torch's CPU grouped GEMM in float32 (``TRAIN_GROUPED_DTYPES``;
+      ``grouped_mm_linear``, its weight gradients in the bank's reused storage): no padding;
+    - otherwise with a backward, bmm over padded groups of experts (``moekit.experts.grouped``)
+      however few the rows: the loop's per-expert weight gradients are stacked into whole
+      [E, ...] tensors every step, which costs more than any padding;
     - otherwise bmm unless it computes more than ``MAX_PADDING_WASTE`` times the real rows.
 
     Off the CPU the padded layout is one group: a kernel launch per group would cost more there
@@ -118,9 +128,12 @@ def choose_compute(backend: str, x_ND: torch.Tensor, counts: list[int],
     if grouped_mm_supported(x_ND):
         return "grouped_mm", None
     n = sum(counts)
-    if n == 0 or (not grad and n <= MEMORY_BOUND_ROWS * len(counts)):
-        if (n >= CPU_GROUPED_MIN_ROWS and not grad and cpu_grouped and x_ND.device.type == "cpu"
-                and cpu_grouped_mm_available(x_ND.dtype)):
+    few = n <= MEMORY_BOUND_ROWS * len(counts)
+    grouped = cpu_grouped and x_ND.device.type == "cpu" and cpu_grouped_mm_available(x_ND.dtype)
+    if n > 0 and few and grad and grouped and x_ND.dtype in TRAIN_GROUPED_DTYPES:
+        return "grouped_mm", None
+    if n == 0 or (not grad and few):
+        if n >= CPU_GROUPED_MIN_ROWS and not grad and grouped:
             return "grouped_mm", None
         return "loop", None
     plan = _plan(x_ND, counts)
@@ -441,6 +454,12 @@ class Experts(nn.Module):
     def _forward_grouped(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         # torch's grouped GEMM takes the segments as offsets: no padding, one kernel per matmul.
         w1, b1, w2, b2, w3, b3 = self._weights(x_ND.dtype)
+        if x_ND.device.type == "cpu" and b1 is None and b2 is None and b3 is None:
+            # The weight gradients in reused storage, as the padded kernels' (see forward_rows).
+            bank = self._grad_buffers
+            up = None if w3 is None else grouped_mm_linear(x_ND, w3, counts, (bank, "w3"))
+            h = self.hidden(grouped_mm_linear(x_ND, w1, counts, (bank, "w1")), up)
+            return grouped_mm_linear(h, w2, counts, (bank, "w2"))
         counts_E = torch.tensor(counts, device=x_ND.device)
         offs = counts_E.cumsum(0).to(torch.int32)
         expert_N = None if b1 is None else torch.repeat_interleave(torch.arange(self.num_experts,

@@ -14,6 +14,7 @@ backwards that write every expert's weight gradient straight into one [E, I, O] 
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from collections.abc import Callable
@@ -347,6 +348,56 @@ def grouped_linear(x_RI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor |
     if not needs_graph(x_RI, w_EIO, b_EO):  # the same computation, without autograd's bookkeeping
         return _linear_groups(x_RI.contiguous(), w_EIO, b_EO, plan.groups)
     return _GroupedLinear.apply(x_RI, w_EIO, b_EO, plan.groups, buffers)
+
+
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_NI, w_EIO, offs, counts, buffers):
+        ctx.save_for_backward(x_NI, w_EIO)
+        ctx.offs, ctx.counts, ctx.buffers = offs, counts, buffers
+        return torch.nn.functional.grouped_mm(x_NI, w_EIO, offs=offs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_NO):
+        x_NI, w_EIO = ctx.saved_tensors
+        dy_NO = dy_NO.contiguous()
+        need_x, need_w = ctx.needs_input_grad[:2]
+        dx_NI = torch.nn.functional.grouped_mm(dy_NO, w_EIO.transpose(1, 2), offs=ctx.offs) if need_x else None
+        dw_EIO = None
+        if need_w:
+            dw_EIO = _weight_grad(ctx.buffers, "", w_EIO)
+            row, empty_from = 0, None  # a run of experts without rows is zeroed in one call
+            for e, n in enumerate([*ctx.counts, 1]):
+                if n == 0:
+                    empty_from = e if empty_from is None else empty_from
+                    continue
+                if empty_from is not None:
+                    dw_EIO[empty_from:e].zero_()
+                    empty_from = None
+                if e < len(ctx.counts):
+                    torch.mm(x_NI[row:row + n].T, dy_NO[row:row + n], out=dw_EIO[e])
+                    row += n
+        return dx_NI, dw_EIO, None, None, None
+
+
+def grouped_mm_linear(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int],
+                      buffers: tuple[GradientBuffers, str] | None = None) -> torch.Tensor:
+    """``y[n] = x[n] @ w[e]`` for the rows of each expert e, contiguous and in expert order
+    (sizes ``counts``), with torch's grouped GEMM (``F.grouped_mm``: one matmul per expert that
+    has rows, no padding). Returns [N, O].
+
+    Differentiable once: the input gradient is a grouped GEMM on the transposed weights, and
+    the weight gradient one [E, I, O] tensor written expert by expert, over the reused storage
+    of ``buffers`` when given (its experts without rows get zeros).
+    """
+    if sum(counts) != x_NI.shape[0] or len(counts) != w_EIO.shape[0]:
+        raise ValueError(f"counts {counts} do not lay out x's {x_NI.shape[0]} rows over {w_EIO.shape[0]} experts")
+    offs = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=x_NI.device)
+    x_NI = x_NI.contiguous()
+    if not needs_graph(x_NI, w_EIO):
+        return torch.nn.functional.grouped_mm(x_NI, w_EIO, offs=offs)
+    return _GroupedMM.apply(x_NI, w_EIO, offs, list(counts), buffers)
 
 
 def _relu_mlp_groups(x_RD: torch.Tensor, w1_EDF: torch.Tensor, b1_EF: torch.Tensor, w2_EFD: torch.Tensor,

@@ -62,7 +62,7 @@ def test_auto_backend_choice_on_cpu():
     assert backend == "bmm" and plan.rows >= 1
 
 
-def test_without_biases_or_a_backward_torch_grouped_gemm_takes_the_loops_place(monkeypatch):
+def test_without_biases_torch_grouped_gemm_takes_the_loops_and_at_few_rows_the_padded_groups_place(monkeypatch):
     import moekit.experts.bank as bank
     from moekit.experts import choose_compute
 
@@ -70,12 +70,20 @@ def test_without_biases_or_a_backward_torch_grouped_gemm_takes_the_loops_place(m
     counts = [2] * 8  # 16 rows: the loop's regime
     if bank.cpu_grouped_mm_available(torch.float32):
         assert choose_compute("auto", x, counts, grad=False, cpu_grouped=True) == ("grouped_mm", None)
+        # With a backward, up to MEMORY_BOUND_ROWS rows per expert, however few in all.
+        assert choose_compute("auto", x, counts, grad=True, cpu_grouped=True) == ("grouped_mm", None)
+        assert choose_compute("auto", x, [1] + [0] * 63, grad=True, cpu_grouped=True) == ("grouped_mm", None)
+        # ... in float32 only (TRAIN_GROUPED_DTYPES): in bfloat16 the padded groups were as fast.
+        assert choose_compute("auto", x.bfloat16(), counts, grad=True, cpu_grouped=True)[0] == "bmm"
     assert choose_compute("auto", x, counts, grad=False, cpu_grouped=False) == ("loop", None)  # e.g. biases
+    assert choose_compute("auto", x, counts, grad=True, cpu_grouped=False)[0] == "bmm"
     assert choose_compute("auto", x, [1] * 8 + [0] * 8, grad=False, cpu_grouped=True) == ("loop", None)  # few rows
-    assert choose_compute("auto", x, counts, grad=True, cpu_grouped=True)[0] == "bmm"  # a backward follows
     assert choose_compute("auto", x, [9] * 8, grad=False, cpu_grouped=True)[0] == "bmm"  # past the memory-bound regime
+    assert choose_compute("auto", x, [9] * 8, grad=True, cpu_grouped=True)[0] == "bmm"
+    assert choose_compute("auto", x, [0] * 8, grad=True, cpu_grouped=True) == ("loop", None)  # no rows: see above
     monkeypatch.setattr(bank, "cpu_grouped_mm_available", lambda dtype: False)  # an older torch
     assert choose_compute("auto", x, counts, grad=False, cpu_grouped=True) == ("loop", None)
+    assert choose_compute("auto", x, counts, grad=True, cpu_grouped=True)[0] == "bmm"
     # The bank decides whether it can: no biases, and rows a multiple of 16 bytes.
     assert moekit.MoE(32, 4, 2, 64, bias=False).experts.cpu_grouped(torch.zeros(1, 32))
     assert not moekit.MoE(32, 4, 2, 64).experts.cpu_grouped(torch.zeros(1, 32))

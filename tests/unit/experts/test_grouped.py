@@ -426,3 +426,61 @@ def test_leaving_out_experts_without_rows_keeps_every_value(activation, bias, mo
     assert torch.equal(skipped[0], whole[0]) and torch.equal(skipped[1], whole[1])
     for name in skipped[2]:
         assert torch.equal(skipped[2][name], whole[2][name]), name
+
+
+def _cpu_grouped_gemm() -> bool:
+    from moekit.experts.bank import cpu_grouped_mm_available
+
+    return cpu_grouped_mm_available(torch.float32)
+
+
+@pytest.mark.skipif(not _cpu_grouped_gemm(), reason="this torch has no CPU grouped GEMM")
+def test_grouped_mm_linear_values_gradients_and_reused_storage():
+    from moekit.experts.grouped import GradientBuffers, grouped_mm_linear
+
+    counts = [0, 3, 0, 0, 5, 1, 2, 0]  # runs of experts without rows, first and last among them
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(len(counts), 16, 8, generator=gen, requires_grad=True)
+    buffers = GradientBuffers()
+    storage = []
+    for _ in range(2):
+        x = torch.randn(sum(counts), 16, generator=gen, requires_grad=True)
+        dy = torch.randn(sum(counts), 8, generator=gen)
+        w.grad = None
+        y = grouped_mm_linear(x, w, counts, (buffers, "w"))
+        want = torch.cat([xe @ w[e] for e, xe in enumerate(x.split(counts))])
+        torch.testing.assert_close(y, want)
+        y.backward(dy)
+        dx_want, dw_want = torch.autograd.grad(want, (x, w), dy)
+        torch.testing.assert_close(x.grad, dx_want)
+        torch.testing.assert_close(w.grad, dw_want)
+        assert (w.grad[[e for e, c in enumerate(counts) if c == 0]] == 0).all()
+        storage.append(w.grad.data_ptr())
+        assert w.grad.data_ptr() == buffers._buffers["w"].data_ptr()  # the bank's storage, not a new tensor
+    # The second step's weight gradient went over the first one's storage: it was freed (w.grad = None).
+    assert storage[0] == storage[1]
+    with torch.no_grad():  # no graph: the plain grouped GEMM
+        torch.testing.assert_close(grouped_mm_linear(x, w, counts), y)
+    with pytest.raises(ValueError, match="counts"):
+        grouped_mm_linear(x, w, counts[:-1])
+
+
+@pytest.mark.skipif(not _cpu_grouped_gemm(), reason="this torch has no CPU grouped GEMM")
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_a_bank_without_biases_trains_at_few_rows_through_the_grouped_gemm(activation, monkeypatch):
+    import moekit.experts.bank as bank_module
+
+    calls = []
+    real = bank_module.grouped_mm_linear
+    monkeypatch.setattr(bank_module, "grouped_mm_linear", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    bank = moekit.Experts(len(SPARSE_COUNTS), 16, 32, activation, bias=False)
+    got = _train_step(bank, SPARSE_COUNTS)  # 2 rows per expert on average: the grouped GEMM
+    assert calls
+    bank.zero_grad(set_to_none=True)
+    bank.backend = "bmm"
+    want = _train_step(bank, SPARSE_COUNTS)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name])
