@@ -100,19 +100,23 @@ CASES = {
     "expert-choice-empty-rank": dict(router="expert_choice", train=False, tokens={2: (7, 0)}),
     "switch-sequence-capacity": dict(router="switch", k=1, train=True, seq=3, tokens={2: (6, 9)},
                                      layer=dict(sequence_capacity=1)),
+    # Rows of 8 floats and no biases: each rank's experts train through torch's CPU grouped GEMM.
+    "mixtral-grouped-gemm": dict(router="topk", train=True, dim=8, hidden=8, tokens={2: (6, 5), 4: (3, 4, 0, 4)},
+                                 layer=dict(bias=False, activation="swiglu")),
 }
 
 
 def build_layer(spec: dict) -> moekit.MoE:
     torch.manual_seed(0)
-    kw = dict(hidden_dim=HIDDEN, capacity_factor=spec.get("cf"), batch_prioritized=spec.get("bpr", False))
+    kw = dict(hidden_dim=spec.get("hidden", HIDDEN), capacity_factor=spec.get("cf"),
+              batch_prioritized=spec.get("bpr", False))
     if spec["router"] == "hierarchical":
         moe = moekit.HierarchicalMoE(DIM, 2, 4, k_primary=2, k_secondary=2, **kw)
     else:
         kw = {**kw, **spec.get("layer", {})}
         if "sequence_capacity" in kw:
             kw.pop("capacity_factor")
-        moe = moekit.MoE(DIM, spec.get("experts", 4), k=spec.get("k", 2), router=spec["router"], **kw)
+        moe = moekit.MoE(spec.get("dim", DIM), spec.get("experts", 4), k=spec.get("k", 2), router=spec["router"], **kw)
     with torch.no_grad():  # a gate with signal, so routing is not decided by ties
         for name, p in moe.router.named_parameters():
             if name.split(".")[-1].startswith("w_") or name == "logit_bias":
@@ -142,7 +146,8 @@ def layer_case(rank: int, world: int, name: str) -> dict:
     total, start = sum(sizes), sum(sizes[:rank])
     rows = slice(start, start + sizes[rank])
     gen = torch.Generator().manual_seed(3)
-    x_all, g_all = torch.randn(total, DIM, generator=gen), torch.randn(total, DIM, generator=gen)
+    dim = spec.get("dim", DIM)
+    x_all, g_all = torch.randn(total, dim, generator=gen), torch.randn(total, dim, generator=gen)
     if spec.get("starve"):
         x_all = x_all.abs()
     mask_all = torch.rand(total, generator=gen) > 0.3 if spec.get("masked") else None
