@@ -7,9 +7,12 @@ uniform random routing that is ~1.25x the real rows at E=256. Splitting the expe
 contiguous groups (views of the stacked weights, no copy) and padding each group only to its
 own largest count brings that to ~1.05x, while groups of a multiple of the thread count still
 keep every thread busy with whole matrices, as one big batched matmul does. ``plan_groups`` picks
-the split (``one_group`` is the single padded batch, for GPUs); ``grouped_linear`` computes
-``x @ w[e] + b[e]`` over the padded layout and ``grouped_relu_mlp`` a whole ReLU expert, with
-backwards that write every expert's weight gradient straight into one [E, I, O] tensor.
+the split and leaves each group's experts without rows out of its matmuls (``one_group`` is the
+single padded batch, for GPUs); ``grouped_linear`` computes ``x @ w[e] + b[e]`` over the padded
+layout, ``grouped_relu_mlp`` and ``grouped_swiglu_mlp`` a whole expert, and ``mlp_groups`` a whole
+expert without autograd, with backwards that write every expert's weight gradient straight into
+one [E, I, O] tensor. ``grouped_mm_linear`` is the unpadded alternative for a few rows per expert:
+torch's grouped GEMM, with the same kind of backward.
 """
 
 from __future__ import annotations
