@@ -66,8 +66,9 @@ CPU_GROUPED_MIN_ROWS = 16
 # With a backward, banks without biases compute up to MEMORY_BOUND_ROWS rows per expert with the
 # grouped GEMM in these dtypes (``grouped_mm_linear``, weight gradients in reused storage) where
 # they would pad: measured against the padded groups at D=512, F=1024, 2 threads, SwiGLU,
-# forward+backward: 1.07-1.12x faster at 0.5-8 rows per expert (T = 16-256, E = 8-64), but 0.82x at
-# 16 rows (one 16-32-row matmul on two threads) and 0.92x at 32. In bfloat16 it was 0.92-1.05x.
+# forward+backward: 1.07-1.12x faster at 0.5-8 rows per expert (T = 16-256, E = 8-64; GELU
+# 1.04-1.19x), but 0.82x at 16 rows (one 16-32-row matmul on two threads) and 0.92x at 32. In
+# bfloat16 it was 0.92-1.05x.
 TRAIN_GROUPED_DTYPES = (torch.float32,)
 # On the padded layout, groups of experts whose blocks hold this many rows on average take the
 # fused kernels (``mlp_groups`` without autograd, ``grouped_swiglu_mlp`` with it): each group's
