@@ -455,23 +455,23 @@ class Experts(nn.Module):
     def _forward_grouped(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         # torch's grouped GEMM takes the segments as offsets: no padding, one kernel per matmul.
         w1, b1, w2, b2, w3, b3 = self._weights(x_ND.dtype)
-        if x_ND.device.type == "cpu" and b1 is None and b2 is None and b3 is None:
+        project: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, str], torch.Tensor]
+        if x_ND.device.type == "cpu" and not self.bias:
             # The weight gradients in reused storage, as the padded kernels' (see forward_rows).
-            bank = self._grad_buffers
-            up = None if w3 is None else grouped_mm_linear(x_ND, w3, counts, (bank, "w3"))
-            h = self.hidden(grouped_mm_linear(x_ND, w1, counts, (bank, "w1")), up)
-            return grouped_mm_linear(h, w2, counts, (bank, "w2"))
-        counts_E = torch.tensor(counts, device=x_ND.device)
-        offs = counts_E.cumsum(0).to(torch.int32)
-        expert_N = None if b1 is None else torch.repeat_interleave(torch.arange(self.num_experts,
-                                                                                device=x_ND.device), counts_E)
+            def project(x, w, b, name):
+                return grouped_mm_linear(x, w, counts, (self._grad_buffers, name))
+        else:
+            counts_E = torch.tensor(counts, device=x_ND.device)
+            offs = counts_E.cumsum(0).to(torch.int32)
+            expert_N = None if b1 is None else torch.repeat_interleave(
+                torch.arange(self.num_experts, device=x_ND.device), counts_E)
 
-        def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-            y = F.grouped_mm(x, w, offs=offs)
-            return y if b is None or expert_N is None else y + b[expert_N]
+            def project(x, w, b, name):
+                y = F.grouped_mm(x, w, offs=offs)
+                return y if b is None or expert_N is None else y + b[expert_N]
 
-        up = None if w3 is None else project(x_ND, w3, b3)
-        return project(self.hidden(project(x_ND, w1, b1), up), w2, b2)
+        up = None if w3 is None else project(x_ND, w3, b3, "w3")
+        return project(self.hidden(project(x_ND, w1, b1, "w1"), up), w2, b2, "w2")
 
     def extra_repr(self) -> str:
         extra = "".join(f", {k}={v:g}" for k, v in self.settings.items())

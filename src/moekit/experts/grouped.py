@@ -185,13 +185,11 @@ def _skip_empty(start: int, end: int, counts: list[int]) -> list[tuple[int, int,
         if counts[start + i] > 0 and not (i > 0 and keep[i - 1]) and not (i + 1 < size and keep[i + 1]):
             keep[i + 1 if i + 1 < size else i - 1] = True  # a lone expert with rows gets a neighbour
     spans: list[tuple[int, int, int]] = []
-    i = 0
-    while i < size:
-        j = i
-        while j < size and keep[j] == keep[i]:
-            j += 1
-        spans.append((start + i, start + j, cap if keep[i] else 0))
-        i = j
+    first = start
+    for kept, run in itertools.groupby(keep):
+        last = first + len(list(run))
+        spans.append((first, last, cap if kept else 0))
+        first = last
     return spans
 
 
@@ -234,6 +232,13 @@ def _weight_grad(buffers: tuple[GradientBuffers, str] | None, name: str, w: torc
         return torch.empty_like(w)
     bank, prefix = buffers
     return bank.empty_like(prefix + name, w)
+
+
+def _zero_gradients(start: int, end: int, *grads: torch.Tensor | None) -> None:
+    """A zero gradient for experts [start, end), which had no row, in each given [E, ...] tensor."""
+    for t in grads:
+        if t is not None:
+            t[start:end].zero_()
 
 
 def _linear_groups(x_RI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor | None,
@@ -325,9 +330,7 @@ class _GroupedLinear(torch.autograd.Function):
         db_EO = w_EIO.new_empty(w_EIO.shape[0], w_EIO.shape[-1]) if need_b and ctx.has_bias else None
         for g in ctx.groups:
             if g.cap == 0:  # no row: nothing of dx, and a zero gradient for these experts
-                for t in (dw_EIO, db_EO):
-                    if t is not None:
-                        t[g.start:g.end].zero_()
+                _zero_gradients(g.start, g.end, dw_EIO, db_EO)
                 continue
             dy_GCO = _blocks(dy_RO, g)
             if dx_RI is not None:
@@ -370,15 +373,14 @@ class _GroupedMM(torch.autograd.Function):
         dw_EIO = None
         if need_w:
             dw_EIO = _weight_grad(ctx.buffers, "", w_EIO)
-            row, empty_from = 0, None  # a run of experts without rows is zeroed in one call
-            for e, n in enumerate([*ctx.counts, 1]):
-                if n == 0:
-                    empty_from = e if empty_from is None else empty_from
+            row = 0
+            for empty, run in itertools.groupby(range(len(ctx.counts)), key=lambda e: ctx.counts[e] == 0):
+                experts = list(run)
+                if empty:  # a run of experts without rows, zeroed in one call
+                    _zero_gradients(experts[0], experts[-1] + 1, dw_EIO)
                     continue
-                if empty_from is not None:
-                    dw_EIO[empty_from:e].zero_()
-                    empty_from = None
-                if e < len(ctx.counts):
+                for e in experts:
+                    n = ctx.counts[e]
                     torch.mm(x_NI[row:row + n].T, dy_NO[row:row + n], out=dw_EIO[e])
                     row += n
         return dx_NI, dw_EIO, None, None, None
@@ -447,9 +449,7 @@ class _GroupedReluMLP(torch.autograd.Function):
         for g in ctx.groups:
             s, e = g.start, g.end
             if g.cap == 0:  # no row: a zero gradient for these experts
-                for t in (dw1, db1, dw2, db2):
-                    if t is not None:
-                        t[s:e].zero_()
+                _zero_gradients(s, e, dw1, db1, dw2, db2)
                 continue
             dy_GCD, h_GCF = _blocks(dy_RD, g), _blocks(h_RF, g)
             dh_GCF = scratch_F[:(e - s) * g.cap * h_RF.shape[-1]].view(e - s, g.cap, h_RF.shape[-1])
@@ -541,9 +541,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         for g in ctx.groups:
             s, e = g.start, g.end
             if g.cap == 0:  # no row: a zero gradient for these experts
-                for t in (dw1, db1, dw3, dw2, db2):
-                    if t is not None:
-                        t[s:e].zero_()
+                _zero_gradients(s, e, dw1, db1, dw3, dw2, db2)
                 continue
             dy_GCD, h_GCF, u_GCF, x_GCD = _blocks(dy_RD, g), _blocks(h_RF, g), _blocks(u_RF, g), _blocks(x_RD, g)
             da_GCF, act_GCF, silu_GCF = (t[:h_GCF.numel()].view(h_GCF.shape) for t in scratch)
