@@ -18,11 +18,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=options.positive_int, default=5,
                         help="timed rounds per configuration (default: 5)")
     parser.add_argument("--only", metavar="TEXT", help="run only configurations whose name contains TEXT")
+    parser.add_argument("--preset", choices=layer.PRESETS, default="auto",
+                        help="cpu: the grid at D=512, F=1024; gpu: bfloat16 at Mixtral-8x7B's size and a "
+                             "fine-grained E=64, k=8 one; auto (default): gpu with --device cuda, else cpu")
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    names = [case.name for case in layer.default_cases(args.quick)]
+    device = "cpu" if args.device == "auto" else args.device  # the benchmark runs on the CPU unless told
+    names = [case.name for case in layer.default_cases(args.quick, layer.resolve_preset(args.preset, device))]
     if args.only and not any(args.only in name for name in names):
         raise ConfigError(f"--only {args.only!r} matches no configuration; the names are: {'; '.join(names)}")
     # Fail now rather than after the measurements: --out must be usable, and no other run may write there.
@@ -43,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         argv.append("--quick")
     if args.only:
         argv += ["--only", args.only]
-    argv += ["--malloc", args.malloc]
+    argv += ["--malloc", args.malloc, "--preset", args.preset]
     if args.device != "auto":
         argv += ["--device", args.device]
     return layer.main(argv)

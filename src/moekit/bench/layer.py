@@ -52,10 +52,21 @@ class Case:
         mode = "fwd+bwd" if self.backward else "fwd"
         cap = "dropless" if self.capacity_factor is None else f"cf={self.capacity_factor}"
         act = "" if self.activation == "relu" else f" {self.activation}"
-        return (f"T={self.tokens} E={self.experts} k={self.k}{act} {self.dtype} {mode} {self.router} {cap}")
+        # D and F are named where they are not the CPU grid's 512 and 1024.
+        dims = "" if (self.dim, self.hidden) == (512, 1024) else f" D={self.dim} F={self.hidden}"
+        return (f"T={self.tokens} E={self.experts} k={self.k}{dims}{act} {self.dtype} {mode} {self.router} {cap}")
 
 
-def default_cases(quick: bool) -> list[Case]:
+PRESETS = ("auto", "cpu", "gpu")
+
+
+def default_cases(quick: bool, preset: str = "cpu") -> list[Case]:
+    """The configurations of a preset: "cpu" (the grid the README quotes, D=512, F=1024) or "gpu"
+    (``gpu_cases``); ``quick``: tiny shapes of the same kinds, to check that the benchmark runs."""
+    if preset not in ("cpu", "gpu"):
+        raise ValueError(f"preset {preset!r}: one of 'cpu', 'gpu'")
+    if preset == "gpu":
+        return gpu_cases(quick)
     if quick:
         base = Case(tokens=64, dim=16, hidden=32, experts=4, k=2)
         mix = replace(base, activation="swiglu", bias=False, router="topk", hf=hf.available())
@@ -77,6 +88,19 @@ def default_cases(quick: bool) -> list[Case]:
               for t in (1, 4, 16, 64) for e in (8, 64)]
     cases += [replace(mix, tokens=16, experts=e) for e in (8, 64)]
     return cases
+
+
+def gpu_cases(quick: bool) -> list[Case]:
+    """bfloat16 blocks at GPU sizes, forward and forward+backward, T=8192, against the dense
+    bfloat16 SwiGLU FFN of the same active FLOPs and transformers' experts implementations on the
+    same weights: Mixtral-8x7B's experts (D=4096, F=14336, E=8, k=2) and a fine-grained shape
+    (OLMoE's D=2048, F=1024, E=64, k=8). ``quick``: the same kinds at D=64, F=128, T=64."""
+    mix = Case(tokens=8192, dim=4096, hidden=14336, experts=8, k=2, dtype="bfloat16", activation="swiglu",
+               bias=False, router="topk", hf=hf.available(), memory=True)
+    fine = replace(mix, dim=2048, hidden=1024, experts=64, k=8)
+    if quick:
+        mix, fine = (replace(c, tokens=64, dim=64, hidden=128) for c in (mix, fine))
+    return [replace(c, backward=b) for c in (mix, fine) for b in (False, True)]
 
 
 def _build(case: Case, device: str):
@@ -214,6 +238,13 @@ def markdown(rows: list[dict], scale: dict) -> str:
     return "\n".join(lines)
 
 
+def resolve_preset(preset: str, device: str) -> str:
+    """``--preset auto``: the GPU configurations on a CUDA device, the CPU grid elsewhere."""
+    if preset != "auto":
+        return preset
+    return "gpu" if torch.device(device).type == "cuda" else "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moekit bench", description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path,
@@ -224,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", choices=PRESETS, default="auto",
+                   help="the configurations: cpu (D=512, F=1024, float32 and bfloat16), gpu (bfloat16 at "
+                        "Mixtral-8x7B's and a fine-grained E=64, k=8 size); auto: gpu on a CUDA device, else cpu")
     p.add_argument("--only", help="run only cases whose name contains this text")
     p.add_argument("--no-baselines", action="store_true", help="time moekit against the limit only")
     p.add_argument("--malloc", choices=("keep", "default"), default="keep",
@@ -233,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     kept = args.malloc == "keep" and keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cases = [c for c in default_cases(args.quick) if not args.only or args.only in c.name]
+    preset = resolve_preset(args.preset, args.device)
+    cases = [c for c in default_cases(args.quick, preset) if not args.only or args.only in c.name]
     if args.no_baselines:
         cases = [replace(c, baselines=(), memory=False, compile=False) for c in cases]
     if args.device.startswith("cuda"):
@@ -243,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_case(case, args.device, 1 if args.quick else args.repeats))
         print(f"  {case.name}: efficiency {rows[-1]['efficiency']:.2f}", file=sys.stderr, flush=True)
     scale = scaling(rows)
-    tag = {**machine_tag(args.device), "malloc": "keep" if kept else "default"}
+    tag = {**machine_tag(args.device), "malloc": "keep" if kept else "default", "preset": preset}
     table = markdown(rows, scale)
     print(table)
     if args.markdown:
