@@ -1,23 +1,10 @@
 """The all-to-all benchmark runs end to end on 2 processes and reports what it promises (no timing is asserted)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_all_to_all", ROOT / "benchmarks" / "bench_all_to_all.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_all_to_all"] = module  # the spawned ranks import the worker from it by name
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bytes_sent_per_rank_by_hand():
-    bench = _load()
+def test_bytes_sent_per_rank_by_hand(load_script):
+    bench = load_script("bench_all_to_all")
     # T=10 tokens, k=2 slots, D=4 floats of 4 bytes: 320 bytes of slot rows, half of them to the other
     # rank (W=2): 160 per all-to-all; dispatch + combine = 320; the backward repeats both: 640.
     assert bench.bytes_per_rank(10, 2, 4, 2, 4, backward=False) == 320
@@ -25,8 +12,8 @@ def test_bytes_sent_per_rank_by_hand():
     assert bench.bytes_per_rank(10, 2, 4, 1, 4, backward=True) == 0  # one rank sends nothing
 
 
-def test_quick_benchmark_writes_markdown_and_json(tmp_path, capsys):
-    bench = _load()
+def test_quick_benchmark_writes_markdown_and_json(tmp_path, capsys, load_script):
+    bench = load_script("bench_all_to_all")
     assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "| tokens/rank | local | expert-parallel | overhead | EP/local" in table

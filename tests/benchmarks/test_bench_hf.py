@@ -1,26 +1,16 @@
 """The transformers benchmark runs end to end on tiny shapes and reports what it promises (no timing is asserted)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_hf", ROOT / "benchmarks" / "bench_hf.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_hf"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-def test_batched_mm_is_skipped_over_the_gather_budget():
-    bench = _load()
+def test_batched_mm_is_skipped_over_the_gather_budget(load_script):
+    bench = load_script("bench_hf")
     # 4096 tokens x k=2 slots x (gate, up, down = 3 x 1024 x 512) float32 weights: 51.5 GB gathered.
     assert bench._gather_bytes(4096, bench.FULL) == 4096 * 2 * 3 * 1024 * 512 * 4
     cfg = bench.QUICK
@@ -29,8 +19,8 @@ def test_batched_mm_is_skipped_over_the_gather_budget():
                                                                        "moekit"}
 
 
-def test_quick_benchmark_writes_markdown_and_json(tmp_path, capsys):
-    bench = _load()
+def test_quick_benchmark_writes_markdown_and_json(tmp_path, capsys, load_script):
+    bench = load_script("bench_hf")
     assert bench.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "| E | T | pass | hf-eager | hf-grouped_mm | hf-batched_mm | hf+moekit-experts | moekit |" in table

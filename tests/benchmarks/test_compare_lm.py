@@ -1,22 +1,9 @@
 """``benchmarks/compare_lm.py``: two language-model runs compared model by model."""
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("compare_lm", ROOT / "benchmarks" / "compare_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare_lm"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _metrics():
@@ -25,8 +12,8 @@ def _metrics():
     return {"models": [model, {**copy.deepcopy(model), "name": "moe-16-h"}]}
 
 
-def test_identical_runs_pass_and_a_moved_value_fails(tmp_path, capsys):
-    cmp = _load()
+def test_identical_runs_pass_and_a_moved_value_fails(tmp_path, capsys, load_script):
+    cmp = load_script("compare_lm")
     a, b = _metrics(), _metrics()
     assert cmp.compare(a, b) == {"moe-4": 0.0, "moe-16-h": 0.0}
     b["models"][1]["history"]["train_loss"][2] = 4.0 * (1 + 1e-2)
@@ -40,8 +27,8 @@ def test_identical_runs_pass_and_a_moved_value_fails(tmp_path, capsys):
     assert cmp.main([str(tmp_path / "a"), str(tmp_path / "b"), "--rtol", "0.02"]) == 0
 
 
-def test_a_nan_on_one_side_only_fails():
-    cmp = _load()
+def test_a_nan_on_one_side_only_fails(load_script):
+    cmp = load_script("compare_lm")
     a, b = _metrics(), _metrics()
     b["models"][0]["test_ppl"] = float("nan")
     assert cmp.compare(a, b)["moe-4"] == float("inf")
@@ -49,8 +36,8 @@ def test_a_nan_on_one_side_only_fails():
     assert cmp.compare(a, b)["moe-4"] == 0.0
 
 
-def test_runs_of_different_models_or_steps_are_an_error():
-    cmp = _load()
+def test_runs_of_different_models_or_steps_are_an_error(load_script):
+    cmp = load_script("compare_lm")
     a, b = _metrics(), _metrics()
     b["models"][1]["name"] = "moe-32"
     with pytest.raises(ValueError, match="different models"):

@@ -1,27 +1,14 @@
 """benchmarks/fsdp_memory.py on a tiny model: the bytes each rank holds are what the layouts promise."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from moekit.models.lstm_lm import LSTMLM, LSTMLMConfig
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("fsdp_memory", ROOT / "benchmarks" / "fsdp_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fsdp_memory"] = module  # the spawned ranks import the worker from it by name
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_layout_names():
-    bench = _load()
+def test_layout_names(load_script):
+    bench = load_script("fsdp_memory")
     assert bench.parse_layout("single") == (1, None, False)
     assert bench.parse_layout("today-4") == (4, None, False)
     assert bench.parse_layout("2x4-fsdp") == (8, 4, True)
@@ -33,8 +20,8 @@ def test_layout_names():
     assert [bench._rows_on_rank(13, 4, r) for r in range(4)] == [4, 4, 4, 1]
 
 
-def test_fsdp_ranks_hold_a_partition_of_the_one_process_bytes(tmp_path, capsys):
-    bench = _load()
+def test_fsdp_ranks_hold_a_partition_of_the_one_process_bytes(tmp_path, capsys, load_script):
+    bench = load_script("fsdp_memory")
     assert bench.main(["--quick", "--layouts", "1x2-fsdp", "--out", str(tmp_path)]) == 0
     assert "| 1x2-fsdp | 2 |" in capsys.readouterr().out
     (path,) = tmp_path.glob("fsdp_memory_*.json")
