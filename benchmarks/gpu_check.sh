@@ -43,10 +43,10 @@ bench=(--device "$device" --preset gpu --repeats 5 --json "$out/bench.json" --ma
 [ "$device" = cuda ] || bench+=(--quick --threads 2)
 step bench "$py" -m moekit.bench.layer "${bench[@]}"
 
-# A corpus from this checkout (the Debian corpora may be missing there).
 # One rank per GPU (NCCL cannot put two ranks on one GPU); two gloo ranks on the CPU.
 ranks=2
 [ "$device" = cuda ] && ranks=$("$py" -c "import torch; print(max(1, torch.cuda.device_count()))")
+# The corpus is a file of this checkout: the Debian corpora may be missing there.
 lm=(lm --data README.md --dim 32 --steps 6 --batch-size 8 --seq-len 16 --vocab-size 200 --lr 0.01 --warmup 2
     --eval-every 3 --eval-tokens 256 --checkpoint-every 6 --models moe-4,moe-16-h --seed 0 --quiet
     --device "$device" --force)

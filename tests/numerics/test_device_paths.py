@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import moekit
-from moekit.experts import choose_compute
 
 torch.set_num_threads(1)
 
@@ -49,16 +48,6 @@ def test_grouped_gemm_equals_one_matmul_per_expert_in_bfloat16(device):
     idle[grouped.decide(x, None)[0].reshape(-1).cpu()] = False
     assert idle.any()  # the case covers experts without rows
     assert grouped.experts.w1.grad[idle.to(device)].abs().max() == 0
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_auto_backend_on_the_device(device):
-    x = torch.randn(96, 64, device=device, dtype=torch.bfloat16)
-    backend = choose_compute("auto", x, [12] * 8, grad=True)[0]
-    if device == "cuda":
-        assert backend == ("grouped_mm" if torch.cuda.get_device_capability() >= (9, 0) else "bmm")
-    else:
-        assert backend == "bmm"  # bfloat16 training on the CPU pads groups
 
 
 @pytest.mark.parametrize("device", DEVICES)
