@@ -12,7 +12,7 @@ Candidates (all float32, on the CPU, timed interleaved: medians of rounds, ``moe
   (``experts_implementation="moekit"``, registered by ``moekit.hf``);
 - ``moekit``: the block replaced by ``moekit.hf.from_hf`` (moekit's router and dispatch too);
 - ``moekit-serving`` (generation): the same, its layers built to serve, without routing statistics
-  (``moekit.MoE.routing_stats = False``: no balancing losses or load counts in eval mode).
+  (``replace_moe_blocks(model, routing_stats=False)``: no balancing losses or load counts in eval mode).
 
 1. One block (D=512, F=1024, k=2, SwiGLU: a Mixtral block) at T = 16 and 4096 tokens and E = 8
    and 64, forward (no autograd) and forward+backward.
@@ -118,10 +118,8 @@ def generation_candidates(cfg: dict, experts: int, budget_bytes: float) -> dict[
     replaced = copy.deepcopy(base)
     moekit.hf.replace_moe_blocks(replaced)
     models["moekit"] = replaced
-    serving = copy.deepcopy(replaced)
-    for module in serving.modules():
-        if isinstance(module, moekit.MoE):
-            module.routing_stats = False
+    serving = copy.deepcopy(base)
+    moekit.hf.replace_moe_blocks(serving, routing_stats=False)
     models["moekit-serving"] = serving
     return models
 

@@ -3,7 +3,8 @@
 - ``from_hf(block)``: a moekit module computing exactly what a transformers sparse-MoE block
   computes, with the block's call and return type; ``to_hf(module, block)`` writes its weights back.
 - ``replace_moe_blocks(model)`` / ``restore_moe_blocks(model)`` / ``restored(model)``: every sparse
-  MoE block of a model swapped for moekit's and back (for ``save_pretrained``).
+  MoE block of a model swapped for moekit's and back (for ``save_pretrained``); with
+  ``routing_stats=False`` (also ``from_hf``'s) built to serve, without statistics in eval mode.
 - ``experts_implementation="moekit"``: moekit's expert compute inside an unmodified model
   (registered on import; ``register_experts_backend``).
 - ``upcycle_model(model, num_experts, k)``: sparse upcycling of a dense Llama / Qwen3 causal LM.

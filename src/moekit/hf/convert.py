@@ -42,14 +42,20 @@ def _first_float(module: nn.Module) -> torch.Tensor:
     raise ValueError(f"{type(module).__name__} holds no floating-point weight")
 
 
-def from_hf(block: nn.Module) -> MoEBlock:
+def from_hf(block: nn.Module, *, routing_stats: bool = True) -> MoEBlock:
     """A moekit module computing exactly what the transformers sparse-MoE ``block`` computes.
 
     It is called like the block and returns what the block returns, so it can take the block's
     place in its model; the block itself is left untouched. Supported: the blocks of Mixtral,
     Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, Llama 4 (text) and SwitchTransformers
     (``moekit.hf.supported_blocks()``); any other class gets a ``TypeError`` naming it.
+
+    ``routing_stats=False`` builds the layer to serve (``moekit.MoE(routing_stats=False)``): in
+    eval mode it keeps no statistics (``last_stats`` None) and computes no balancing losses, which
+    transformers' own blocks do not compute either; the outputs are the same. Training keeps them.
     """
+    if not isinstance(routing_stats, bool):
+        raise TypeError(f"routing_stats must be a bool, got {routing_stats!r}")
     family = family_of(block)
     options = family.options(block)
     for caveat in family.caveats(block):
@@ -58,7 +64,7 @@ def from_hf(block: nn.Module) -> MoEBlock:
     if weight.is_meta:
         raise ValueError(f"{type(block).__name__}'s weights are on the meta device: nothing to convert")
     # Built on the meta device and filled from the block: no throw-away initialisation.
-    moe = MoE(**options, device="meta", dtype=weight.dtype)
+    moe = MoE(**options, routing_stats=routing_stats, device="meta", dtype=weight.dtype)
     moe.to_empty(device=weight.device)
     for buffer in moe.buffers():  # e.g. the router's load counter, which the block has no copy of
         buffer.zero_()
@@ -137,14 +143,17 @@ def _candidates(model: nn.Module) -> list[str]:
             if hasattr(m, "experts") and not isinstance(m, MoEBlock | MoE) and qualified_name(type(m)) not in FAMILIES]
 
 
-def replace_moe_blocks(model: nn.Module) -> list[str]:
+def replace_moe_blocks(model: nn.Module, *, routing_stats: bool = True) -> list[str]:
     """Replace, in place, every supported sparse-MoE block of ``model`` by its ``from_hf`` module.
 
     Returns the names of the replaced modules. The model's forward, ``generate``, its labels loss
     and ``output_router_logits=True`` keep working; each replacement's ``last_stats`` holds
     moekit's ``RoutingStats`` of its last forward. Dense layers (DeepSeek-V3's first layers, the
-    dense layers of Qwen or Llama 4) are left alone.
+    dense layers of Qwen or Llama 4) are left alone. ``routing_stats=False`` builds every block to
+    serve (see ``from_hf``): for generation, where nothing reads the statistics.
     """
+    if not isinstance(routing_stats, bool):
+        raise TypeError(f"routing_stats must be a bool, got {routing_stats!r}")
     names = [name for name, m in model.named_modules() if qualified_name(type(m)) in FAMILIES]
     if not names:
         hint = _candidates(model)
@@ -153,7 +162,7 @@ def replace_moe_blocks(model: nn.Module) -> list[str]:
                          f"({', '.join(supported_blocks())}){found}")
     for name in names:
         block = model.get_submodule(name)
-        module = from_hf(block)
+        module = from_hf(block, routing_stats=routing_stats)
         # Not a submodule (its meta tensors stay out of state dicts): the skeleton restore fills.
         module.__dict__["_skeleton"] = block
         module.__dict__["_skeleton_hooked"] = _hooks_installed(_owner(model, name))

@@ -41,6 +41,32 @@ def test_from_hf_returns_what_the_block_returns_and_leaves_it_untouched(block):
         assert torch.equal(value, before[key]), key
 
 
+def test_a_block_built_to_serve_gives_the_same_output_without_statistics(block):
+    default, serving = from_hf(block).eval(), from_hf(block, routing_stats=False).eval()
+    assert default.moe.routing_stats and not serving.moe.routing_stats
+    x = torch.randn(3, 5, default.moe.dim)
+    with torch.no_grad():
+        want, got = default(x.clone()), serving(x.clone())
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                    strict=True):
+        assert torch.equal(g, w)
+    assert default.last_stats is not None and serving.last_stats is None
+    serving.train()  # training keeps its statistics and balancing losses
+    serving(x.clone())
+    assert serving.last_stats is not None
+    assert serving.options == default.options  # to_hf still takes it: a serving layer is the same block
+    to_hf(serving, copy.deepcopy(block))
+
+
+def test_routing_stats_must_be_a_bool():
+    model = hm.build("mixtral")
+    with pytest.raises(TypeError, match="routing_stats must be a bool, got 'no'"):
+        from_hf(_blocks(model)[0][1], routing_stats="no")
+    with pytest.raises(TypeError, match="routing_stats must be a bool, got 0"):
+        replace_moe_blocks(model, routing_stats=0)
+    assert not [m for m in model.modules() if isinstance(m, MoEBlock)]  # nothing was replaced
+
+
 def test_to_hf_inverts_from_hf_exactly(block):
     fresh = copy.deepcopy(block)
     with torch.no_grad():
