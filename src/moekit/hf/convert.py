@@ -54,8 +54,6 @@ def from_hf(block: nn.Module, *, routing_stats: bool = True) -> MoEBlock:
     eval mode it keeps no statistics (``last_stats`` None) and computes no balancing losses, which
     transformers' own blocks do not compute either; the outputs are the same. Training keeps them.
     """
-    if not isinstance(routing_stats, bool):
-        raise TypeError(f"routing_stats must be a bool, got {routing_stats!r}")
     family = family_of(block)
     options = family.options(block)
     for caveat in family.caveats(block):
@@ -152,8 +150,6 @@ def replace_moe_blocks(model: nn.Module, *, routing_stats: bool = True) -> list[
     dense layers of Qwen or Llama 4) are left alone. ``routing_stats=False`` builds every block to
     serve (see ``from_hf``): for generation, where nothing reads the statistics.
     """
-    if not isinstance(routing_stats, bool):
-        raise TypeError(f"routing_stats must be a bool, got {routing_stats!r}")
     names = [name for name, m in model.named_modules() if qualified_name(type(m)) in FAMILIES]
     if not names:
         hint = _candidates(model)
